@@ -1,0 +1,247 @@
+"""Configuration dataclasses: the target model (from HF config.json), speculation
+(vLLM's --speculative-config JSON keys) and the engine. Validated at construction so
+that a bad value fails here, with the value in the message, not deep in a kernel."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, malformed or unsupported."""
+
+
+# Architectures served by models/llama.py; the flags are what differs between the families.
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": {},
+    "MistralForCausalLM": {},
+    "Qwen2ForCausalLM": {"attention_bias": True},
+    "Qwen3ForCausalLM": {"qk_norm": True},
+}
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ConfigError(f"unsupported dtype {dtype}; use one of float32, bfloat16, float16")
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"unsupported dtype {dtype!r}; use one of float32, bfloat16, float16")
+    return DTYPES[dtype]
+
+
+def read_json(path: str, what: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what} is not valid JSON: {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} must hold a JSON object, got {type(data).__name__}: {path}")
+    return data
+
+
+@dataclass
+class ModelConfig:
+    """The target's shape, read from an HF config.json (old and transformers-5 rope keys)."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: list[int] = field(default_factory=list)
+    torch_dtype: str | None = None
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"config.json: {name} must be a positive integer, got {v!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"config.json: num_attention_heads={self.num_attention_heads} is not a multiple "
+                f"of num_key_value_heads={self.num_key_value_heads}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind not in ("default", "llama3", "linear"):
+                raise ConfigError(f"config.json: unsupported rope_scaling type {kind!r} "
+                                  "(supported: default, linear, llama3)")
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> ModelConfig:
+        archs = cfg.get("architectures") or []
+        if not archs:
+            raise ConfigError("config.json has no 'architectures' entry")
+        arch = archs[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(f"unsupported architecture {arch!r}; parspec serves "
+                              f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads")
+        missing = [k for k in required if k not in cfg]
+        if missing:
+            raise ConfigError(f"config.json is missing {', '.join(missing)}")
+        heads = cfg["num_attention_heads"]
+        # transformers 5 writes rope_parameters; older checkpoints rope_theta + rope_scaling.
+        rope = dict(cfg.get("rope_parameters") or {})
+        theta = cfg.get("rope_theta", rope.pop("rope_theta", 10000.0))
+        scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        eos = cfg.get("eos_token_id")
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        sliding = cfg.get("sliding_window")
+        if arch.startswith("Qwen") and not cfg.get("use_sliding_window", False):
+            sliding = None
+        flags = SUPPORTED_ARCHITECTURES[arch]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+        return cls(
+            architecture=arch,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", flags.get("attention_bias", False))),
+            qk_norm=flags.get("qk_norm", False),
+            sliding_window=sliding,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=eos,
+            torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
+        )
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str) -> ModelConfig:
+        return cls.from_dict(read_json(os.path.join(model_dir, "config.json"), "config.json"))
+
+
+SPEC_METHODS = ("ngram", "draft_model", "eagle3", "spd")
+
+
+@dataclass
+class SpeculativeConfig:
+    """vLLM's --speculative-config keys. Unknown keys are an error, not silently dropped."""
+
+    method: str
+    num_speculative_tokens: int
+    model: str | None = None
+    parallel_drafting: bool = False
+    prompt_lookup_min: int = 1
+    prompt_lookup_max: int = 4
+    draft_tensor_parallel_size: int = 1
+    disable_padded_drafter_batch: bool = False
+
+    def __post_init__(self):
+        if self.method not in SPEC_METHODS:
+            raise ConfigError(f"unknown speculative method {self.method!r}; "
+                              f"choose one of {', '.join(SPEC_METHODS)}")
+        k = self.num_speculative_tokens
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ConfigError(f"num_speculative_tokens must be an integer >= 1, got {k!r}")
+        if self.method in ("draft_model", "eagle3", "spd") and not self.model:
+            raise ConfigError(f"speculative method {self.method!r} needs \"model\": the drafter's directory")
+        if self.method == "ngram":
+            lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+            if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
+                raise ConfigError(f"ngram needs 1 <= prompt_lookup_min <= prompt_lookup_max, "
+                                  f"got {lo!r} and {hi!r}")
+        if self.parallel_drafting and self.method != "eagle3":
+            raise ConfigError(f"parallel_drafting applies to method 'eagle3', not {self.method!r}")
+
+    @classmethod
+    def from_any(cls, value: Any) -> SpeculativeConfig | None:
+        """Accepts None, a SpeculativeConfig, a dict or a JSON string (as on vLLM's CLI)."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"speculative config is not valid JSON: {value!r}: {e}") from e
+        if not isinstance(value, dict):
+            raise ConfigError(f"speculative config must be a JSON object, got {value!r}")
+        value = dict(value)
+        if "method" not in value:
+            # vLLM infers the method from the model when absent; we ask for it explicitly.
+            raise ConfigError(f"speculative config needs \"method\" (one of {', '.join(SPEC_METHODS)}): {value!r}")
+        if value["method"] == "eagle":
+            raise ConfigError("speculative method 'eagle' (EAGLE-1/2) is not supported; use 'eagle3'")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ConfigError(f"unknown speculative config keys {unknown}; known: {sorted(known)}")
+        if "num_speculative_tokens" not in value:
+            raise ConfigError("speculative config needs \"num_speculative_tokens\"")
+        return cls(**value)
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 8192
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    gpu_memory_utilization: float = 0.85
+    kv_cache_memory_bytes: int | None = None
+    enforce_eager: bool = False
+    seed: int = 0
+    skip_tokenizer_init: bool = False
+
+    def __post_init__(self):
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ConfigError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
