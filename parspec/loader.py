@@ -119,6 +119,8 @@ def build_and_load(model_cls, cfg, files: list[str], dtype: torch.dtype, device:
         model = model_cls(cfg, **kwargs)
     # Parameters in the serving dtype before loading, buffers (rope tables) in float32.
     model = model.to_empty(device=device).to(dtype)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
     for module in model.modules():
         if hasattr(module, "reset_buffers"):
             module.reset_buffers()

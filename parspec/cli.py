@@ -1,0 +1,134 @@
+"""`parspec generate | demo | ...`: argparse front end over the offline API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from parspec.config import ConfigError
+from parspec.loader import LoadError
+from parspec.sampling import SamplingError
+
+
+def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
+    p.add_argument("--model", required=model_required, help="HF model directory (config.json + safetensors)")
+    p.add_argument("--speculative-config", default=None,
+                   help='vLLM-style JSON, e.g. \'{"method":"ngram","num_speculative_tokens":4}\'')
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed per request")
+
+
+def engine_kwargs(args) -> dict:
+    return dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                max_num_seqs=args.max_num_seqs, block_size=args.block_size)
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+
+
+def sampling_params(args):
+    from parspec.sampling import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          max_tokens=args.max_tokens, stop=args.stop, ignore_eos=args.ignore_eos, seed=args.seed)
+
+
+def print_stats(llm, outputs, elapsed: float, file=sys.stdout) -> None:
+    n_out = sum(len(o.outputs[0].token_ids) for o in outputs)
+    print(f"-- {len(outputs)} request(s), {n_out} tokens in {elapsed:.2f}s: {n_out / elapsed:.1f} tok/s", file=file)
+    engine = llm.engine
+    if engine.proposer is not None:
+        s = engine.stats
+        rates = ", ".join(f"{r:.2f}" for r in s.acceptance_rate_per_position)
+        print(f"-- speculation ({engine.spec_config.method}, K={engine.spec_config.num_speculative_tokens}): "
+              f"acceptance length {s.acceptance_length:.2f} tokens/step over {s.num_steps} steps; "
+              f"acceptance rate per draft position [{rates}]", file=file)
+        print(f"-- draft time {engine.step_times['draft']:.2f}s, target+verify time "
+              f"{engine.step_times['verify']:.2f}s", file=file)
+
+
+def cmd_generate(args) -> int:
+    from parspec import LLM
+
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        with open(args.prompts_file, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        prompts.append(json.loads(line)["prompt"])
+                    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                        raise ConfigError(f"{args.prompts_file}:{i}: expected a JSON object with \"prompt\": {e}")
+    if not prompts:
+        raise ConfigError("give at least one --prompt or --prompts-file")
+    llm = LLM(args.model, speculative_config=args.speculative_config, **engine_kwargs(args))
+    if args.chat:
+        tok = llm.get_tokenizer()
+        prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    params = sampling_params(args)
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1)
+    elapsed = time.perf_counter() - start
+    for out in outputs:
+        if args.json:
+            print(json.dumps({"prompt": out.prompt, "text": out.outputs[0].text,
+                              "token_ids": out.outputs[0].token_ids,
+                              "finish_reason": out.outputs[0].finish_reason, "spec_stats": out.spec_stats}))
+        else:
+            print(f"{out.prompt}\033[1m{out.outputs[0].text}\033[0m" if sys.stdout.isatty()
+                  else out.prompt + out.outputs[0].text)
+            print()
+    print_stats(llm, outputs, elapsed, file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from parspec.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="parspec", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from prompts")
+    add_engine_args(g)
+    add_sampling_args(g)
+    g.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    g.add_argument("--prompts-file", help='JSONL file of {"prompt": ...} objects')
+    g.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    g.add_argument("--json", action="store_true", help="one JSON object per output line")
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="speculative generation on the bundled reference pair (CPU)")
+    d.add_argument("--max-tokens", type=int, default=96)
+    d.add_argument("--num-prompts", type=int, default=3)
+    d.add_argument("--device", default="cpu")
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, LoadError, SamplingError, ValueError) as e:
+        print(f"parspec: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""The engine: requests in, one speculative step at a time, outputs out."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from tqdm import tqdm
+
+from parspec.config import ConfigError, EngineConfig, ModelConfig, SpeculativeConfig, parse_dtype
+from parspec.engine.model_runner import ModelRunner, StepOutput
+from parspec.engine.scheduler import Scheduler
+from parspec.engine.sequence import RequestOutput, Sequence, SpecStats, Status
+from parspec.kv_cache import BlockManager, kv_bytes_per_block
+from parspec.loader import load_model
+from parspec.sampling import SamplingParams
+from parspec.spec import build_proposer
+from parspec.tokenizer import Tokenizer
+
+log = logging.getLogger("parspec")
+
+
+class RequestError(ValueError):
+    """A request is malformed (prompt too long, bad token ids, ...); the engine stays usable."""
+
+
+class LLMEngine:
+    def __init__(self, cfg: EngineConfig, speculative_config=None):
+        self.cfg = cfg
+        self.spec_config = SpeculativeConfig.from_any(speculative_config)
+        self.device = cfg.resolved_device()
+        model_cfg = ModelConfig.from_pretrained(cfg.model)
+        self.dtype = self._resolve_dtype(cfg.dtype, model_cfg)
+        self.max_model_len = self._resolve_max_model_len(cfg.max_model_len, model_cfg)
+        k = self.spec_config.num_speculative_tokens if self.spec_config else 0
+        self.model, self.model_config = load_model(cfg.model, self.dtype, self.device,
+                                                   max_positions=self.max_model_len + k + 1)
+        self.tokenizer = None if cfg.skip_tokenizer_init else Tokenizer(cfg.model)
+        self.proposer = build_proposer(self.spec_config, self) if self.spec_config else None
+        num_blocks = self._num_kv_blocks(k)
+        self.blocks = BlockManager(num_blocks, cfg.block_size)
+        aux = self.proposer.aux_layers if self.proposer else ()
+        self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.device, self.dtype, aux)
+        if self.proposer:
+            self.proposer.allocate(num_blocks, cfg.block_size)
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens, k,
+                                   on_preempt=self._release_draft_state)
+        self.eos_token_ids = set(self.tokenizer.eos_token_ids if self.tokenizer else model_cfg.eos_token_id)
+        self.stats = SpecStats()
+        self.step_times = {"draft": 0.0, "verify": 0.0}
+
+    # --- set-up -------------------------------------------------------------------------
+    def _resolve_dtype(self, dtype: str, model_cfg: ModelConfig) -> torch.dtype:
+        if dtype != "auto":
+            return parse_dtype(dtype)
+        if self.device.type == "cpu":
+            return torch.float32  # CPU matmuls in bf16 are slow and lossy
+        return parse_dtype(model_cfg.torch_dtype) if model_cfg.torch_dtype in ("bfloat16", "float16") else torch.bfloat16
+
+    @staticmethod
+    def _resolve_max_model_len(requested: int | None, model_cfg: ModelConfig) -> int:
+        limit = model_cfg.max_position_embeddings
+        if model_cfg.sliding_window:
+            limit = min(limit, model_cfg.sliding_window)  # full attention is exact up to the window
+        if requested is None:
+            return limit
+        if requested > limit:
+            raise ConfigError(f"max_model_len={requested} exceeds what the model supports ({limit})")
+        return requested
+
+    def _num_kv_blocks(self, k: int) -> int:
+        cfg, mc = self.cfg, self.model_config
+        per_block = kv_bytes_per_block(mc.num_hidden_layers, cfg.block_size, mc.num_key_value_heads,
+                                       mc.head_dim, self.dtype)
+        if self.proposer:
+            per_block += self.proposer.kv_bytes_per_block(cfg.block_size)
+        per_seq = (self.max_model_len + k + cfg.block_size - 1) // cfg.block_size
+        wanted = per_seq * cfg.max_num_seqs
+        if cfg.num_kv_blocks is not None:
+            num = cfg.num_kv_blocks
+        elif cfg.kv_cache_memory_bytes is not None:
+            num = cfg.kv_cache_memory_bytes // per_block
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = free - (1 - cfg.gpu_memory_utilization) * total - (1 << 30)  # 1 GiB for activations
+            num = min(int(budget // per_block), wanted)
+        else:
+            num = min((4 << 30) // per_block, wanted)
+        if num < per_seq:
+            raise ConfigError(f"the KV cache holds {num} blocks of {cfg.block_size} tokens but one sequence of "
+                              f"max_model_len={self.max_model_len} needs {per_seq}; lower max_model_len "
+                              "or give the cache more memory")
+        return num
+
+    # --- requests -----------------------------------------------------------------------
+    def add_request(self, prompt, params: SamplingParams, request_id: str | None = None) -> Sequence:
+        token_ids, text = self._prompt_tokens(prompt)
+        if not token_ids:
+            raise RequestError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+        if len(token_ids) >= self.max_model_len:
+            raise RequestError(f"the prompt has {len(token_ids)} tokens, max_model_len is {self.max_model_len} "
+                               "(room for at least one generated token is needed)")
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        seq = Sequence(token_ids, params, request_id, text)
+        if params.seed is not None:
+            seq.generator = torch.Generator(self.device).manual_seed(params.seed)
+        self.scheduler.add(seq)
+        return seq
+
+    def _prompt_tokens(self, prompt) -> tuple[list[int], str | None]:
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            return list(prompt["prompt_token_ids"]), prompt.get("prompt")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("text prompts need a tokenizer (skip_tokenizer_init=True): "
+                                   "pass {'prompt_token_ids': [...]}")
+            return self.tokenizer.encode(prompt), prompt
+        raise RequestError(f"a prompt is a string or {{'prompt_token_ids': [...]}}, got {prompt!r:.80}")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    # --- the loop -----------------------------------------------------------------------
+    def step(self) -> list[Sequence]:
+        """Schedule -> draft -> one target forward + verify -> advance. Returns finished sequences."""
+        seqs, prefill = self.scheduler.schedule()
+        if not seqs:
+            return []
+        t0 = time.perf_counter()
+        proposal = None if prefill or self.proposer is None else self.proposer.propose(seqs)
+        t1 = time.perf_counter()
+        out = self.runner.step(seqs, prefill, proposal)
+        if self.proposer:
+            self.proposer.observe(seqs, out, prefill)
+        self.step_times["draft"] += t1 - t0
+        self.step_times["verify"] += time.perf_counter() - t1
+        return self._advance(seqs, out, prefill)
+
+    def _advance(self, seqs: list[Sequence], out: StepOutput, prefill: bool) -> list[Sequence]:
+        finished = []
+        now = time.perf_counter()
+        for seq, tokens, num_drafts in zip(seqs, out.tokens, out.num_drafts):
+            seq.num_cached = len(seq) - 1 + len(tokens)  # fed tokens, accepted drafts included
+            self.blocks.shrink(seq.seq_id, seq.block_table, seq.num_cached)  # roll back rejected slots
+            if not prefill:
+                seq.spec.record(num_drafts, len(tokens) - 1)
+                self.stats.record(num_drafts, len(tokens) - 1)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            for token in tokens:
+                seq.token_ids.append(token)
+                if self._check_stop(seq, token):
+                    break
+            if seq.status == Status.FINISHED:
+                seq.finish_time = now
+                self._finalize_text(seq)
+                self.scheduler.finish(seq)
+                self._release_draft_state(seq)
+                finished.append(seq)
+        return finished
+
+    def _check_stop(self, seq: Sequence, token: int) -> bool:
+        p = seq.params
+        n = seq.num_output_tokens
+        reason = None
+        if not p.ignore_eos and token in self.eos_token_ids:
+            reason = ("stop", None)
+        elif token in p.stop_token_ids:
+            reason = ("stop", token)
+        elif p.stop and self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.output_token_ids, p.skip_special_tokens)
+            hit = min(((text.find(s), s) for s in p.stop if s in text), default=None)
+            if hit is not None:
+                seq.text = text[:hit[0]]
+                reason = ("stop", hit[1])
+        if reason is None and p.max_tokens is not None and n >= p.max_tokens:
+            reason = ("length", None)
+        if reason is None and len(seq) >= self.max_model_len:
+            reason = ("length", None)
+        if reason is None:
+            return False
+        seq.status = Status.FINISHED
+        seq.finish_reason, seq.stop_reason = reason
+        return True
+
+    def _finalize_text(self, seq: Sequence) -> None:
+        if self.tokenizer is None or (seq.finish_reason == "stop" and isinstance(seq.stop_reason, str)):
+            return
+        seq.text = self.tokenizer.decode(seq.output_token_ids, seq.params.skip_special_tokens)
+
+    def _release_draft_state(self, seq: Sequence) -> None:
+        if self.proposer:
+            self.proposer.release(seq)
+
+    def abort_all(self) -> None:
+        for seq in list(self.scheduler.running):
+            self.scheduler.finish(seq)
+            self._release_draft_state(seq)
+        self.scheduler.waiting.clear()
+
+    def generate(self, prompts, params, use_tqdm: bool = True) -> list[RequestOutput]:
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise RequestError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        if self.has_unfinished_requests():
+            raise RequestError("generate() needs an idle engine; other requests are in flight")
+        try:
+            seqs = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        except Exception:
+            self.abort_all()  # a bad prompt in the list leaves nothing half-queued
+            raise
+        speculative = self.proposer is not None
+        with tqdm(total=len(seqs), desc="generate", disable=not use_tqdm, unit="req") as bar:
+            while self.has_unfinished_requests():
+                bar.update(len(self.step()))
+        return [RequestOutput.from_sequence(s, speculative) for s in seqs]

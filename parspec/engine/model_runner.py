@@ -1,0 +1,87 @@
+"""Runs the target: builds per-step inputs and attention metadata from the sequences,
+does ONE forward over every sequence's new tokens, and verifies the drafts on device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from parspec.engine.metadata import build_attention_metadata
+from parspec.engine.sequence import Sequence
+from parspec.kv_cache import allocate_kv_cache, bind_kv_cache
+from parspec.sampling import BatchSampling, probs_from_logits
+from parspec.spec.proposer import Proposal
+from parspec.spec.verify import draw_verification_noise, verify_greedy, verify_rejection
+
+
+@dataclass
+class StepOutput:
+    """One target forward + verification. Device tensors stay on device; the host lists
+    are the step's single synchronisation."""
+
+    output_tokens: torch.Tensor  # [B, K+1] int64, PLACEHOLDER-padded
+    num_accepted: torch.Tensor  # [B] int32
+    tokens: list[list[int]]  # per sequence: the tokens to append (accepted drafts + one)
+    num_drafts: list[int]
+    input_ids: torch.Tensor  # [T] the tokens fed to the target
+    query_start_loc: torch.Tensor  # [B+1] offsets of each sequence's tokens in input_ids
+    aux_hidden: torch.Tensor | None  # [T, len(aux_layers) * H] target features, if asked for
+
+
+class ModelRunner:
+    def __init__(self, model, num_blocks: int, block_size: int, device: torch.device,
+                 dtype: torch.dtype, aux_layers: tuple[int, ...] = ()):
+        cfg = model.config
+        self.model, self.device, self.block_size = model, device, block_size
+        self.aux_layers = aux_layers
+        self.kv_cache = allocate_kv_cache(cfg.num_hidden_layers, num_blocks, block_size,
+                                          cfg.num_key_value_heads, cfg.head_dim, dtype, device)
+        bind_kv_cache(model.attention_layers, self.kv_cache)
+
+    @torch.inference_mode()
+    def step(self, seqs: list[Sequence], prefill: bool, proposal: Proposal | None) -> StepOutput:
+        if prefill:
+            # Every uncached token is fed; the next token is sampled from the last one's logits.
+            token_lists = [s.token_ids[s.num_cached:] for s in seqs]
+            starts = [s.num_cached for s in seqs]
+            input_ids = torch.tensor([t for ts in token_lists for t in ts], device=self.device)
+            q_lens = [len(ts) for ts in token_lists]
+        else:
+            k = proposal.draft_tokens.shape[1] if proposal is not None else 0
+            last = torch.tensor([s.last_token for s in seqs], device=self.device)[:, None]
+            fed = last if proposal is None else torch.cat([last, proposal.draft_tokens], dim=1)
+            input_ids = fed.reshape(-1)
+            starts = [len(s) - 1 for s in seqs]
+            q_lens = [k + 1] * len(seqs)
+        positions, meta = build_attention_metadata([s.block_table for s in seqs], starts, q_lens,
+                                                   self.block_size, self.device)
+        hidden, aux = self.model(input_ids, positions, meta, self.aux_layers)
+        if prefill:
+            logits = self.model.compute_logits(hidden[meta.query_start_loc[1:].long() - 1])[:, None]
+        else:
+            logits = self.model.compute_logits(hidden).view(len(seqs), q_lens[0], -1)
+        out, acc, num_drafts = self.verify(seqs, logits, None if prefill else proposal)
+        out_host, acc_host = out.tolist(), acc.tolist()
+        tokens = [row[:a + 1] for row, a in zip(out_host, acc_host)]
+        return StepOutput(out, acc, tokens, num_drafts, input_ids, meta.query_start_loc,
+                          torch.cat(aux, dim=-1) if aux else None)
+
+    def verify(self, seqs: list[Sequence], logits: torch.Tensor, proposal: Proposal | None):
+        b, k = logits.shape[0], logits.shape[1] - 1
+        if proposal is None:
+            drafts = torch.zeros(b, 0, dtype=torch.int64, device=self.device)
+            num_drafts = torch.zeros(b, dtype=torch.int32, device=self.device)
+            num_drafts_host = [0] * b
+        else:
+            drafts, num_drafts, num_drafts_host = proposal.draft_tokens, proposal.num_drafts, proposal.num_drafts_host
+        sampling = BatchSampling.from_params([s.params for s in seqs], self.device)
+        if sampling.all_greedy:
+            out, acc = verify_greedy(drafts, num_drafts, logits)
+        else:
+            target_probs = probs_from_logits(logits, sampling)
+            uniforms, noise = draw_verification_noise(b, k, logits.shape[-1], [s.generator for s in seqs],
+                                                      self.device)
+            draft_probs = proposal.draft_probs if proposal is not None else None
+            out, acc = verify_rejection(drafts, num_drafts, draft_probs, target_probs, uniforms, noise)
+        return out, acc, num_drafts_host

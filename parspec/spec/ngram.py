@@ -1,0 +1,44 @@
+"""Prompt lookup (vLLM's "ngram" method): match the sequence's last n tokens earlier in
+its own history and propose what followed. Deterministic, so no draft probabilities."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from parspec.config import SpeculativeConfig
+from parspec.spec.proposer import Proposal, Proposer
+
+
+def ngram_lookup(tokens: np.ndarray, n_min: int, n_max: int, k: int) -> np.ndarray:
+    """The up-to-k tokens after the latest earlier occurrence of the longest suffix n-gram
+    (n_max down to n_min) of ``tokens``; empty when nothing matches."""
+    length = len(tokens)
+    for n in range(min(n_max, length - 1), n_min - 1, -1):
+        suffix = tokens[length - n:]
+        windows = np.lib.stride_tricks.sliding_window_view(tokens[:length - 1], n)
+        hits = np.flatnonzero((windows == suffix).all(axis=1))
+        if hits.size:
+            start = hits[-1] + n  # continuation after the most recent match
+            return tokens[start:start + k]
+    return tokens[:0]
+
+
+class NgramProposer(Proposer):
+    def __init__(self, spec: SpeculativeConfig, device: torch.device):
+        super().__init__(spec.num_speculative_tokens)
+        self.n_min, self.n_max = spec.prompt_lookup_min, spec.prompt_lookup_max
+        self.device = device
+
+    def propose(self, seqs) -> Proposal:
+        drafts = np.zeros((len(seqs), self.k), dtype=np.int64)
+        counts = []
+        for i, seq in enumerate(seqs):
+            found = ngram_lookup(np.asarray(seq.token_ids, dtype=np.int64), self.n_min, self.n_max, self.k)
+            drafts[i, :len(found)] = found
+            counts.append(len(found))
+        return Proposal(
+            draft_tokens=torch.from_numpy(drafts).to(self.device, non_blocking=True),
+            num_drafts=torch.tensor(counts, dtype=torch.int32).to(self.device, non_blocking=True),
+            num_drafts_host=counts,
+        )

@@ -1,0 +1,53 @@
+"""The one interface every drafting method implements.
+
+A proposer turns the running batch into draft tokens; it never sees how they are
+verified. It may keep per-sequence state in ``seq.draft_state`` and its own KV layers,
+indexed by the sequences' shared block tables (the engine grows and rolls them back)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from parspec.engine.model_runner import StepOutput
+    from parspec.engine.sequence import Sequence
+
+
+@dataclass
+class Proposal:
+    draft_tokens: torch.Tensor  # [B, K] int64 target-vocabulary ids; entries past num_drafts unused
+    num_drafts: torch.Tensor  # [B] int32, 0..K
+    num_drafts_host: list[int]  # the same counts on the host, for statistics
+    draft_probs: torch.Tensor | None = None  # [B, K, V] float32; None = deterministic drafts
+    drafter_passes: int = 0  # drafter forward passes this step (1 for parallel drafting)
+
+
+class Proposer:
+    """Base class: subclasses override propose() and, if they keep state, the observers."""
+
+    # Target layers whose input hidden states the proposer reads (EAGLE-3, SPD); () for none.
+    aux_layers: tuple[int, ...] = ()
+
+    def __init__(self, num_speculative_tokens: int):
+        self.k = num_speculative_tokens
+
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        """Bytes of the proposer's own KV layers per cache block (counted in the cache budget)."""
+        return 0
+
+    def allocate(self, num_blocks: int, block_size: int) -> None:
+        """Allocate the proposer's own KV layers, sized like the target's cache."""
+
+    def propose(self, seqs: list[Sequence]) -> Proposal:
+        raise NotImplementedError
+
+    def observe(self, seqs: list[Sequence], step: StepOutput, prefill: bool) -> None:
+        """Called after every target step, before the sequences advance, with what the
+        target was fed (and its features) and what verification emitted."""
+
+    def release(self, seq: Sequence) -> None:
+        """The sequence finished or was preempted; drop its state."""
+        seq.draft_state.clear()
