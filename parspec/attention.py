@@ -13,9 +13,12 @@ CUDA tensors and to the reference elsewhere.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
 
 @dataclass
@@ -87,3 +90,380 @@ def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) 
     if q.is_cuda:
         return paged_attention_triton(q, k_cache, v_cache, meta, scale)
     return paged_attention_ref(q, k_cache, v_cache, meta, scale)
+
+
+# --------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------
+#
+# ``write_kv_triton`` scatters one token per program.
+#
+# ``paged_attention_triton`` is a single flash-attention style kernel for prefill,
+# decode and verification. A program owns one *query tile* of one sequence and one
+# KV head: ``BLOCK_M`` rows, row ``r`` being query token ``r // GROUP`` of the tile
+# and query head ``kv_head * GROUP + r % GROUP``, so the GROUP query heads that share
+# a KV head read each K/V tile once. Keys are visited ``BLOCK_N`` at a time, gathered
+# slot by slot through the block table (a tile may span several cache blocks), with
+# an online softmax in float32 (base-2 exponentials, the log2(e) factor folded into
+# the scale). Tiles entirely below the causal diagonal run without masks; the last
+# few tiles up to the tile's last visible key are masked.
+#
+# Split-KV (flash-decoding): the grid has a third axis of ``num_splits``. Each program
+# takes a contiguous, BLOCK_N-aligned chunk of the keys its tile can see (the chunking
+# is computed per sequence on the device, so short sequences in a long batch get short
+# chunks and possibly empty ones), and writes its normalised partial output and
+# log-sum-exp to a float32 scratch buffer; ``_attn_reduce_kernel`` merges them.
+
+
+# -- write_kv ---------------------------------------------------------------------------
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                     stride_kt, stride_kh, stride_kd,
+                     stride_vt, stride_vh, stride_vd,
+                     stride_kcb, stride_kcs, stride_kch, stride_kcd,
+                     stride_vcb, stride_vcs, stride_vch, stride_vcd,
+                     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK_SIZE: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    blk = slot // BLOCK_SIZE
+    off = slot % BLOCK_SIZE
+    offs = tl.arange(0, BLOCK)
+    mask = offs < NUM_KV_HEADS * HEAD_DIM
+    h = offs // HEAD_DIM
+    d = offs % HEAD_DIM
+    t64 = t.to(tl.int64)
+    k = tl.load(k_ptr + t64 * stride_kt + h * stride_kh + d * stride_kd, mask=mask)
+    v = tl.load(v_ptr + t64 * stride_vt + h * stride_vh + d * stride_vd, mask=mask)
+    tl.store(k_cache_ptr + blk * stride_kcb + off * stride_kcs + h * stride_kch + d * stride_kcd,
+             k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + blk * stride_vcb + off * stride_vcs + h * stride_vch + d * stride_vcd,
+             v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> None:
+    """Triton twin of :func:`write_kv_ref`: one program per token, slot < 0 skipped.
+
+    ``k``/``v`` ``[T, Hkv, D]`` may be strided views (e.g. slices of a fused qkv);
+    values are cast to the cache dtype on store. No host synchronisation.
+    """
+    num_tokens = k.shape[0]
+    if num_tokens == 0:
+        return
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    assert k.shape == v.shape == (num_tokens, num_kv_heads, head_dim), (k.shape, v.shape, k_cache.shape)
+    assert v_cache.shape == k_cache.shape and slot_mapping.shape[0] == num_tokens
+    block = triton.next_power_of_2(num_kv_heads * head_dim)
+    _write_kv_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK=block,
+        num_warps=4 if block >= 1024 else 2)
+
+
+# -- paged attention --------------------------------------------------------------------
+
+_LOG2E = 1.4426950408889634
+
+# Split-KV heuristic knobs (see _choose_num_splits).
+SPLIT_TARGET_PROGRAMS_PER_SM = 2  # aim for about this many attention programs per SM
+SPLIT_MIN_KEYS = 128  # never give a split fewer keys than this (of max_seq_len)
+SPLIT_MAX = 64  # upper bound on num_splits
+_DEFAULT_NUM_SMS = 132  # H100 SXM; used when the tensors are not on a GPU (interpreter)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _choose_num_splits(num_seqs: int, num_kv_heads: int, num_m_tiles: int, max_seq_len: int,
+                       num_sms: int) -> int:
+    """Split-KV factor from host ints only (never reads a device tensor).
+
+    Without splitting the grid has ``num_seqs * num_kv_heads * num_m_tiles`` programs.
+    If that already fills the GPU (>= num_sms) we do not split. Otherwise we split so the
+    grid reaches about ``SPLIT_TARGET_PROGRAMS_PER_SM * num_sms`` programs, but never into
+    chunks shorter than ``SPLIT_MIN_KEYS`` keys of ``max_seq_len``, and at most SPLIT_MAX.
+    E.g. H100 (132 SMs), 8 kv heads, q_len 1..8 (one tile): batch 1 at 4096 -> 32 splits,
+    batch 1 at 1024 -> 8, batch 4 at 4096 -> 9, batch 16 -> 3 (128 programs < 132).
+    """
+    base = num_seqs * num_kv_heads * num_m_tiles
+    if base >= num_sms or max_seq_len <= SPLIT_MIN_KEYS:
+        return 1
+    want = -(-SPLIT_TARGET_PROGRAMS_PER_SM * num_sms // base)
+    by_len = max(1, max_seq_len // SPLIT_MIN_KEYS)
+    return max(1, min(want, by_len, SPLIT_MAX))
+
+
+def _attn_config(dtype: torch.dtype, block_d: int, group: int, max_query_len: int):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) from host ints only."""
+    wide = dtype == torch.float32 or block_d > 128
+    rows = max(max_query_len * group, triton.next_power_of_2(group))
+    block_m = max(16, triton.next_power_of_2(rows))
+    block_m = min(block_m, 64 if wide else 128)
+    block_m = max(block_m, triton.next_power_of_2(group))
+    block_n = 32 if wide else 64
+    num_warps = 8 if block_m >= 128 else 4
+    num_stages = 3 if block_m <= 32 else 2
+    return block_m, block_n, num_warps, num_stages
+
+
+@triton.jit
+def _attn_step(acc, l_i, m_i, q, k_base, v_base, bt_row, start, kv_hi, q_pos, qk_scale,
+               stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
+               offs_n0, offs_d,
+               HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr,
+               EVEN_D: tl.constexpr, DOT_IEEE: tl.constexpr):
+    offs_n = start + offs_n0
+    n_mask = offs_n < kv_hi
+    if MASKED:
+        blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+    else:
+        blk = tl.load(bt_row + offs_n // BLOCK_SIZE).to(tl.int64)
+    within = offs_n % BLOCK_SIZE
+    k_ptrs = k_base + (blk * stride_kb + within * stride_ks)[:, None] + offs_d[None, :] * stride_kd
+    v_ptrs = v_base + (blk * stride_vb + within * stride_vs)[:, None] + offs_d[None, :] * stride_vd
+    if MASKED:
+        if EVEN_D:
+            k = tl.load(k_ptrs, mask=n_mask[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=n_mask[:, None], other=0.0)
+        else:
+            kv_mask = n_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    else:
+        if EVEN_D:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            d_mask = (offs_d < HEAD_DIM)[None, :]
+            k = tl.load(k_ptrs, mask=d_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=d_mask, other=0.0)
+    k = k.to(q.dtype)
+    if DOT_IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = s * qk_scale
+    if MASKED:
+        visible = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
+    alpha = tl.math.exp2(m_i - m_safe)
+    p = tl.math.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DOT_IEEE:
+        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + pv
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _paged_attn_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_part_ptr, o_part_ptr,
+        query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
+        qk_scale, num_tokens,
+        stride_qt, stride_qh, stride_qd,
+        stride_ot, stride_oh, stride_od,
+        stride_kb, stride_ks, stride_kh, stride_kd,
+        stride_vb, stride_vs, stride_vh, stride_vd,
+        stride_bt,
+        NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
+        TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, DOT_IEEE: tl.constexpr):
+    # Heaviest (last, most keys) query tiles first.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = pid_bh // NUM_KV_HEADS
+    kvh = pid_bh % NUM_KV_HEADS
+
+    q_start = tl.load(query_start_loc_ptr + b)
+    q_len = tl.load(query_start_loc_ptr + b + 1) - q_start
+    m_start = pid_m * TOKENS
+    if m_start >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+    ctx = seq_len - q_len  # absolute position of the sequence's first query
+
+    offs_r = tl.arange(0, BLOCK_M)
+    tok = offs_r // GROUP
+    head = kvh * GROUP + offs_r % GROUP
+    q_idx = m_start + tok
+    row_valid = (tok < TOKENS) & (q_idx < q_len)
+    q_pos = ctx + q_idx
+    q_rows = (q_start + q_idx).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
+    d_ok = offs_d < HEAD_DIM
+
+    q_ptrs = q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_valid[:, None] & d_ok[None, :], other=0.0)
+
+    # Keys this tile can see: [0, kv_visible). Keys < full_end are seen by every row.
+    last_q = tl.minimum(m_start + TOKENS, q_len) - 1
+    kv_visible = ctx + last_q + 1
+    full_end = ((ctx + m_start + 1) // BLOCK_N) * BLOCK_N
+    n_tiles = tl.cdiv(kv_visible, BLOCK_N)
+    tiles_per_split = tl.cdiv(n_tiles, NUM_SPLITS)
+    kv_lo = pid_s * tiles_per_split * BLOCK_N
+    kv_hi = tl.minimum(kv_lo + tiles_per_split * BLOCK_N, kv_visible)
+    unmasked_end = tl.maximum(tl.minimum(full_end, kv_hi), kv_lo)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
+    k_base = k_cache_ptr + kvh * stride_kh
+    v_base = v_cache_ptr + kvh * stride_vh
+    offs_n0 = tl.arange(0, BLOCK_N)
+
+    for start in range(kv_lo, unmasked_end, BLOCK_N):
+        acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, k_base, v_base, bt_row, start, kv_hi, q_pos,
+                                   qk_scale, stride_kb, stride_ks, stride_kd,
+                                   stride_vb, stride_vs, stride_vd, offs_n0, offs_d,
+                                   HEAD_DIM, BLOCK_SIZE, False, EVEN_D, DOT_IEEE)
+    for start in range(unmasked_end, kv_hi, BLOCK_N):
+        acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, k_base, v_base, bt_row, start, kv_hi, q_pos,
+                                   qk_scale, stride_kb, stride_ks, stride_kd,
+                                   stride_vb, stride_vs, stride_vd, offs_n0, offs_d,
+                                   HEAD_DIM, BLOCK_SIZE, True, EVEN_D, DOT_IEEE)
+
+    has = l_i > 0.0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    st_mask = row_valid[:, None] & d_ok[None, :]
+    if NUM_SPLITS == 1:
+        o_ptrs = out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od
+        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=st_mask)
+    else:
+        lse = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        row_id = (pid_s * num_tokens + q_rows) * NUM_Q_HEADS + head  # [S, T, Hq] scratch
+        tl.store(lse_part_ptr + row_id, lse, mask=row_valid)
+        tl.store(o_part_ptr + row_id[:, None] * HEAD_DIM + offs_d[None, :], o, mask=st_mask)
+
+
+@triton.jit
+def _attn_reduce_kernel(lse_part_ptr, o_part_ptr, out_ptr, num_tokens,
+                        stride_ot, stride_oh, stride_od,
+                        NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                        NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < NUM_SPLITS
+    row_id = (offs_s * num_tokens + t) * NUM_Q_HEADS + h
+    lse = tl.load(lse_part_ptr + row_id, mask=s_ok, other=float("-inf"))
+    mx = tl.max(lse, 0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    w = tl.math.exp2(lse - mx)  # 0 for empty splits
+    denom = tl.sum(w, 0)
+    o = tl.load(o_part_ptr + row_id[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=s_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    res = tl.sum(o * w[:, None], 0) / tl.where(denom > 0.0, denom, 1.0)
+    tl.store(out_ptr + t * stride_ot + h * stride_oh + offs_d * stride_od,
+             res.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+# Per-config launch fallbacks found necessary at run time (OutOfResources), keyed by config.
+_ATTN_FALLBACK: dict[tuple, tuple[int, int]] = {}
+
+
+def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           meta: AttentionMetadata, scale: float, *, num_splits: int | None = None,
+                           block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
+    """Triton twin of :func:`paged_attention_ref`: causal paged attention, ``[T, Hq, D]`` out.
+
+    One launch (plus a small reduce launch when split-KV is on) for any mix of prefill,
+    chunked prefill, decode and verification sequences. Never synchronises with the host,
+    so it can be captured in a CUDA graph.
+
+    Grid: ``(num_m_tiles, B * Hkv, num_splits)`` with ``num_m_tiles = cdiv(max_query_len,
+    BLOCK_M // group)``; reduce grid ``(T, Hq)``. It is therefore fixed by the host ints
+    ``T = q.shape[0]``, ``B = seq_lens.shape[0]``, ``meta.max_query_len``,
+    ``meta.max_seq_len`` (through the split heuristic only), the model shape/dtype and the
+    GPU's SM count. For CUDA-graph capture the caller must keep those fixed per graph
+    (e.g. capture with the bucket's max_seq_len; ``max_seq_len`` only tunes performance,
+    any value is correct). ``meta.max_query_len`` MUST be >= every sequence's query count
+    (tiles past it are not launched). Rows of ``out`` beyond ``query_start_loc[B]`` are
+    left unspecified, as in the reference. Call once before capturing (Triton compiles
+    on the first call of each configuration).
+
+    Keyword-only knobs (tests / tuning): ``num_splits`` forces the split-KV factor
+    (default: :func:`_choose_num_splits`), ``block_m`` / ``block_n`` force tile sizes
+    (powers of two >= 16; ``block_m`` >= group).
+    """
+    num_tokens, num_q_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, head_dim_k = k_cache.shape
+    assert head_dim_k == head_dim and v_cache.shape == k_cache.shape
+    assert num_q_heads % num_kv_heads == 0
+    group = num_q_heads // num_kv_heads
+    num_seqs = meta.seq_lens.shape[0]
+    out = torch.empty_like(q)
+    if num_tokens == 0 or num_seqs == 0 or meta.max_query_len <= 0:
+        return out
+
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    cfg_m, cfg_n, num_warps, num_stages = _attn_config(q.dtype, block_d, group, meta.max_query_len)
+    block_m = block_m or cfg_m
+    block_n = block_n or cfg_n
+    assert block_m >= group, "a query tile must hold at least one token's group of heads"
+    tokens = block_m // group
+    num_m_tiles = triton.cdiv(meta.max_query_len, tokens)
+
+    if num_splits is None:
+        sms = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
+            if q.is_cuda else _DEFAULT_NUM_SMS
+        num_splits = _choose_num_splits(num_seqs, num_kv_heads, num_m_tiles, meta.max_seq_len, sms)
+    num_splits = max(1, int(num_splits))
+
+    if num_splits > 1:
+        lse_part = torch.empty((num_splits, num_tokens, num_q_heads), dtype=torch.float32, device=q.device)
+        o_part = torch.empty((num_splits, num_tokens, num_q_heads, head_dim), dtype=torch.float32,
+                             device=q.device)
+    else:
+        lse_part = o_part = out  # unused
+
+    dot_ieee = q.dtype == torch.float32
+    key = (q.dtype, k_cache.dtype, head_dim, group, block_m, block_n, num_splits > 1)
+    candidates = [(block_n, num_stages), (block_n, 1), (max(16, block_n // 2), 1)]
+    if key in _ATTN_FALLBACK:
+        candidates = [_ATTN_FALLBACK[key]]
+    grid = (num_m_tiles, num_seqs * num_kv_heads, num_splits)
+    err = None
+    for bn, stages in candidates:
+        try:
+            _paged_attn_kernel[grid](
+                q, k_cache, v_cache, out, lse_part, o_part,
+                meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                float(scale) * _LOG2E, num_tokens,
+                *q.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(),
+                meta.block_tables.stride(0),
+                NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, TOKENS=tokens,
+                HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
+                BLOCK_M=block_m, BLOCK_N=bn, NUM_SPLITS=num_splits, DOT_IEEE=dot_ieee,
+                num_warps=num_warps, num_stages=stages)
+            _ATTN_FALLBACK[key] = (bn, stages)
+            err = None
+            break
+        except triton.runtime.errors.OutOfResources as e:  # shared memory: retry smaller
+            err = e
+    if err is not None:
+        raise err
+
+    if num_splits > 1:
+        _attn_reduce_kernel[(num_tokens, num_q_heads)](
+            lse_part, o_part, out, num_tokens, *out.stride(),
+            NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
+            NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
+            num_warps=4)
+    return out

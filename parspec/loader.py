@@ -62,10 +62,11 @@ def iter_safetensors(files: list[str], device: str = "cpu") -> Iterator[tuple[st
 
 
 def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
-                 rename=lambda name: name) -> None:
+                 rename=lambda name: name, skip_params: tuple[str, ...] = ()) -> None:
     """Copy checkpoint tensors into ``model``, splitting HF's q/k/v and gate/up into our
     fused projections. Every parameter must be filled, every shape must match.
-    ``rename`` maps a checkpoint name to ours, or to None to skip the tensor."""
+    ``rename`` maps a checkpoint name to ours, or to None to skip the tensor;
+    parameters under the ``skip_params`` prefixes are filled elsewhere."""
     params = dict(model.named_parameters(remove_duplicate=False))
     filled: dict[int, set[int]] = {}  # id(param) -> shards filled (-1: the whole tensor)
     for ckpt_name, tensor in weights:
@@ -87,7 +88,8 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
         with torch.no_grad():
             target.copy_(tensor)
         filled.setdefault(id(param), set()).add(-1 if shard is None else shard)
-    missing = [name for name, p in params.items() if not _complete(name, filled.get(id(p), set()))]
+    missing = [name for name, p in params.items()
+               if not name.startswith(skip_params) and not _complete(name, filled.get(id(p), set()))]
     if missing:
         raise LoadError(f"checkpoint lacks {len(missing)} tensor(s) of {type(model).__name__}, "
                         f"e.g. {', '.join(missing[:4])}")

@@ -69,8 +69,8 @@ class RotaryEmbedding(nn.Module):
         self.cos, self.sin = freqs.cos(), freqs.sin()
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
-        sin = self.sin[positions].unsqueeze(1)
+        cos = self.cos[positions].unsqueeze(-2)  # [..., T, 1, D/2]
+        sin = self.sin[positions].unsqueeze(-2)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
@@ -100,18 +100,33 @@ class PagedSelfAttention(nn.Module):
         self.k_cache: torch.Tensor | None = None  # bound by the runner
         self.v_cache: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        t = x.shape[0]
+    def forward(self, x: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata | torch.Tensor) -> torch.Tensor:
+        """``meta`` is the paged-cache metadata at inference, or, for training without a
+        cache, a boolean mask ``[..., T, T]`` (True = may attend) over ``x`` of ``[..., T, C]``."""
+        lead = x.shape[:-1]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
+        q = q.view(*lead, self.num_heads, self.head_dim)
+        k = k.view(*lead, self.num_kv_heads, self.head_dim)
+        v = v.view(*lead, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(positions, q, k)
-        write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        o = paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
-        return self.o_proj(o.reshape(t, self.q_size))
+        if isinstance(meta, torch.Tensor):
+            o = self._dense_attention(q, k, v, meta)
+        else:
+            write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            o = paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
+        return self.o_proj(o.reshape(*lead, self.q_size))
+
+    def _dense_attention(self, q, k, v, mask):
+        group = self.num_heads // self.num_kv_heads
+        # [..., T, H, D] -> [..., H, T, D] for SDPA; K/V heads repeated for GQA.
+        q, k, v = (t.transpose(-3, -2) for t in (q, k, v))
+        k = k.repeat_interleave(group, dim=-3)
+        v = v.repeat_interleave(group, dim=-3)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(-3), scale=self.scale)
+        return o.transpose(-3, -2)
 
 
 class GatedMLP(nn.Module):
