@@ -90,11 +90,12 @@ def test_aux_hidden_states_are_layer_inputs(model_factory):
     PagedRunner(model)  # binds a cache
     positions, meta = build_attention_metadata([[5, 1, 2]], [0], [len(tokens)], BLOCK, "cpu")
     with torch.no_grad():
-        _, aux = model(torch.tensor(tokens), positions, meta, aux_layers=(0, 2))
+        _, aux = model(torch.tensor(tokens), positions, meta, aux_layers=(2, 0, 2))
         ref = hf(torch.tensor([tokens]), output_hidden_states=True).hidden_states
-    assert len(aux) == 2
-    torch.testing.assert_close(aux[0], ref[0][0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(aux[1], ref[2][0], atol=1e-5, rtol=0)
+    assert len(aux) == 3
+    torch.testing.assert_close(aux[0], ref[2][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(aux[1], ref[0][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(aux[2], ref[2][0], atol=1e-5, rtol=0)
 
 
 def test_bf16_load_keeps_rope_tables_fp32(model_factory):

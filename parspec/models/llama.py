@@ -70,13 +70,13 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 aux_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
         hidden, residual = self.model.embed_tokens(input_ids), None
-        aux = []
+        captured = {}
         for i, layer in enumerate(self.model.layers):
             if i in aux_layers:
-                aux.append(hidden if residual is None else hidden + residual)
+                captured[i] = hidden if residual is None else hidden + residual
             hidden, residual = layer(positions, hidden, residual, meta)
         hidden, _ = self.model.norm.add_forward(hidden, residual)
-        return hidden, aux
+        return hidden, [captured[i] for i in aux_layers]  # in the order asked, repeats allowed
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
