@@ -47,8 +47,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens, k,
                                    on_preempt=self._release_draft_state)
         self.eos_token_ids = set(self.tokenizer.eos_token_ids if self.tokenizer else model_cfg.eos_token_id)
-        self.stats = SpecStats()
-        self.step_times = {"draft": 0.0, "verify": 0.0}
+        self.reset_stats()
 
     # --- set-up -------------------------------------------------------------------------
     def _resolve_dtype(self, dtype: str, model_cfg: ModelConfig) -> torch.dtype:
@@ -135,6 +134,8 @@ class LLMEngine:
         t0 = time.perf_counter()
         proposal = None if prefill or self.proposer is None else self.proposer.propose(seqs)
         t1 = time.perf_counter()
+        if proposal is not None:
+            self.drafter_passes += proposal.drafter_passes
         out = self.runner.step(seqs, prefill, proposal)
         if self.proposer:
             self.proposer.observe(seqs, out, prefill)
@@ -197,6 +198,13 @@ class LLMEngine:
     def _release_draft_state(self, seq: Sequence) -> None:
         if self.proposer:
             self.proposer.release(seq)
+
+    def reset_stats(self) -> None:
+        """Speculation counters; drafter_passes counts drafter forwards (K per step
+        sequentially, 1 with parallel drafting)."""
+        self.stats = SpecStats()
+        self.step_times = {"draft": 0.0, "verify": 0.0}
+        self.drafter_passes = 0
 
     def abort_all(self) -> None:
         for seq in list(self.scheduler.running):
