@@ -100,6 +100,12 @@ def cmd_demo(args) -> int:
     return run_demo(args)
 
 
+def cmd_train_drafter(args) -> int:
+    from parspec.train.cli import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parspec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--num-prompts", type=int, default=3)
     d.add_argument("--device", default="cpu")
     d.set_defaults(func=cmd_demo)
+
+    from parspec.train.cli import add_arguments as add_train_drafter_args
+
+    t = sub.add_parser("train-drafter", help="train an EAGLE-3 / P-EAGLE head on the target's own outputs")
+    add_train_drafter_args(t)
+    t.set_defaults(func=cmd_train_drafter)
     return parser
 
 

@@ -1,0 +1,130 @@
+"""`parspec train-drafter`: data from the target's own outputs, then EAGLE-3 / P-EAGLE training.
+
+Defaults suit the reference target (hidden 512, 5 layers, vocabulary 6144) on one H100:
+a head of about 7.8 MiB in bf16 (1 layer, intermediate 768, draft vocabulary 2048)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+
+from parspec.config import ConfigError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", required=True, help="the target model directory (HF layout)")
+    p.add_argument("--out", required=True, help="where the head (config.json + model.safetensors), "
+                   "metrics.json, loss.png and README.md go")
+    p.add_argument("--method", choices=("eagle3", "p-eagle"), default="p-eagle")
+    p.add_argument("--num-speculative-tokens", "-k", type=int, default=7,
+                   help="K: draft depths (P-EAGLE) or training-time-test steps (EAGLE-3) trained")
+    p.add_argument("--draft-vocab-size", type=int, default=2048)
+    p.add_argument("--intermediate-size", type=int, default=None, help="default 1.5 x the target's hidden size")
+    p.add_argument("--num-layers", type=int, default=1)
+    p.add_argument("--aux-layers", default=None, help="target layers whose inputs feed the head, e.g. 1,2,4")
+    p.add_argument("--mask-token-id", type=int, default=None,
+                   help="P-EAGLE's mask token (default: a spare special token such as <|pad|>)")
+    p.add_argument("--max-bytes", type=int, default=8 << 20, help="budget for the saved head (default 8 MiB)")
+    g = p.add_argument_group("data")
+    g.add_argument("--corpus", default="site-packages",
+                   help="directory of .py files, a JSONL of {\"prompt\"}, or 'site-packages' (this Python's)")
+    g.add_argument("--data", default=None, help="safetensors cache of the generated sequences: read if it "
+                   "exists, else written (share it between runs)")
+    g.add_argument("--data-only", action="store_true", help="generate --data and stop")
+    g.add_argument("--num-prompts", type=int, default=6000)
+    g.add_argument("--min-prompt-tokens", type=int, default=64)
+    g.add_argument("--max-prompt-tokens", type=int, default=256)
+    g.add_argument("--max-new-tokens", type=int, default=192)
+    g.add_argument("--greedy-fraction", type=float, default=0.5)
+    g.add_argument("--min-temperature", type=float, default=0.7)
+    g.add_argument("--max-temperature", type=float, default=1.0)
+    g.add_argument("--gen-max-num-seqs", type=int, default=256, help="engine batch while generating")
+    t = p.add_argument_group("training")
+    t.add_argument("--steps", type=int, default=3000)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--warmup-steps", type=int, default=None)
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--grad-clip", type=float, default=1.0)
+    t.add_argument("--depth-decay", type=float, default=0.8)
+    t.add_argument("--deep-keep", type=float, default=0.7)
+    t.add_argument("--deep-min-keep", type=float, default=0.2)
+    t.add_argument("--segment-len", type=int, default=256, help="anchors per segment (0: whole sequences)")
+    t.add_argument("--heldout", type=int, default=128)
+    t.add_argument("--eval-every", type=int, default=500)
+    t.add_argument("--checkpoint-every", type=int, default=1000)
+    t.add_argument("--max-train-seconds", type=float, default=None,
+                   help="time budget for the training loop; the LR schedule completes within it")
+    t.add_argument("--save-dtype", default="bfloat16")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--dtype", default="auto", help="the target's dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if it exists")
+    t.add_argument("--keep-checkpoint", action="store_true")
+
+
+def command_line(args) -> str:
+    parts = ["parspec", "train-drafter"]
+    for key, value in sorted(vars(args).items()):
+        if key in ("func", "command") or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        parts += [flag] if value is True else [flag, str(value)]
+    return shlex.join(parts)
+
+
+def run(args) -> int:
+    from parspec.config import ModelConfig
+    from parspec.loader import check_model_dir
+    from parspec.train.data import DrafterData, GenerationConfig, build_data, check_corpus
+    from parspec.train.eagle3 import MiB, TrainConfig, check_head_size, drafter_config, train_drafter
+
+    if args.data_only and not args.data:
+        raise ConfigError("--data-only needs --data PATH")
+    check_model_dir(args.target)
+    target_cfg = ModelConfig.from_pretrained(args.target)
+    aux = tuple(int(x) for x in args.aux_layers.split(",")) if args.aux_layers else None
+    tc = TrainConfig(
+        method=args.method, num_speculative_tokens=args.num_speculative_tokens,
+        draft_vocab_size=args.draft_vocab_size, intermediate_size=args.intermediate_size,
+        num_layers=args.num_layers, aux_layers=aux, mask_token_id=args.mask_token_id, steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip, depth_decay=args.depth_decay, deep_keep=args.deep_keep,
+        deep_min_keep=args.deep_min_keep, segment_len=args.segment_len, heldout=args.heldout,
+        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device,
+        target_dtype=args.dtype, save_dtype=args.save_dtype, max_bytes=args.max_bytes,
+        max_train_seconds=args.max_train_seconds, keep_checkpoint=args.keep_checkpoint)
+    size = check_head_size(drafter_config(target_cfg, tc, args.mask_token_id), tc)
+    print(f"head size: {size / MiB:.2f} MiB in {tc.save_dtype} (budget {tc.max_bytes / MiB:.2f} MiB)")
+
+    if args.data and os.path.isfile(args.data):
+        data = DrafterData.load(args.data)
+        top = max(int(s.max()) for s in data.sequences)
+        if top >= target_cfg.vocab_size:
+            raise ConfigError(f"{args.data} holds token id {top}, outside the target's vocabulary "
+                              f"({target_cfg.vocab_size}): made for another tokenizer")
+        print(f"data: {len(data)} sequences, {data.num_tokens} tokens from {args.data}")
+    else:
+        check_corpus(args.corpus)
+        if args.num_prompts < 5:
+            raise ConfigError(f"num_prompts must be >= 5 (a held-out split is taken), got {args.num_prompts}")
+        gen = GenerationConfig(max_new_tokens=args.max_new_tokens, greedy_fraction=args.greedy_fraction,
+                               min_temperature=args.min_temperature, max_temperature=args.max_temperature,
+                               max_num_seqs=args.gen_max_num_seqs, dtype=args.dtype, device=args.device,
+                               seed=args.seed)
+        data = build_data(args.target, args.corpus, args.num_prompts, args.min_prompt_tokens,
+                          args.max_prompt_tokens, gen, target_cfg.max_position_embeddings)
+        print(f"data: {len(data)} sequences, {data.num_tokens} tokens "
+              f"({data.meta['response_tokens']} generated by the target)")
+        if args.data:
+            data.save(args.data)
+            print(f"data saved to {args.data}")
+    if args.data_only:
+        return 0
+    metrics = train_drafter(args.target, args.out, data, tc, resume=args.resume, command=command_line(args))
+    ev = metrics["final_eval"]
+    tau = ev["acceptance_length"]
+    print(f"saved {args.out}: held-out top-1 per depth " + " ".join(f"{a:.3f}" for a in ev["acc"])
+          + (f"; estimated acceptance length {tau:.2f}" if tau else ""))
+    return 0

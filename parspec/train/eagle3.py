@@ -1,0 +1,444 @@
+"""Training an EAGLE-3 head (sequential drafting, training-time test) or a P-EAGLE head
+(parallel drafting: all K depths from one forward) on a target's own outputs.
+
+The drafter's embedding is the target's, shared and frozen (not saved). Its lm_head starts
+from the target's rows of the draft vocabulary and its final norm from the target's (same
+width), P-EAGLE's mask_hidden from the mean real feature. AdamW, linear warm-up then
+cosine decay (over the steps, or over a time budget), gradient clipping, bf16 autocast on
+CUDA (float32 on CPU). Every random choice (batch order, depth subsampling) is a function
+of (seed, step), so a run resumed
+from a checkpoint continues exactly as the uninterrupted run would (without a time
+budget, which makes the learning-rate schedule depend on the clock).
+
+Checkpoints (``OUT/checkpoint/``): drafter.safetensors + optimizer.safetensors (AdamW
+moments) + trainer_state.json. Output: ``save_eagle3`` layout (config.json +
+model.safetensors) + metrics.json + loss.png + README.md."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from parspec.config import ConfigError, ModelConfig, parse_dtype
+from parspec.models.eagle3 import Eagle3Config, Eagle3Drafter, default_aux_layers, save_eagle3
+from parspec.train.data import Batch, DrafterData, DraftVocab, build_draft_vocab, capture, pick_mask_token
+from parspec.train.layout import depth_keep_fractions, make_plan, segment_bounds
+from parspec.train.objective import DepthStats, segment_loss
+
+METHODS = ("eagle3", "p-eagle")
+MiB = 1 << 20
+
+
+@dataclass
+class TrainConfig:
+    method: str = "p-eagle"
+    num_speculative_tokens: int = 7  # depths (P-EAGLE) / TTT steps (EAGLE-3) trained
+    draft_vocab_size: int = 2048
+    intermediate_size: int | None = None  # None: 1.5 x the target's hidden size
+    num_layers: int = 1
+    aux_layers: tuple[int, ...] | None = None  # None: EAGLE-3's default, spread if it repeats
+    mask_token_id: int | None = None  # None: a spare special token of the tokenizer
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int | None = None  # None: 5% of the steps
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    depth_decay: float = 0.8
+    deep_keep: float = 0.7  # P-EAGLE keeps deep_keep^d of the anchors at depth d ...
+    deep_min_keep: float = 0.2  # ... and at least this fraction
+    segment_len: int = 256  # anchors per segment; 0 = whole sequences
+    heldout: int = 128  # held-out sequences (at most a fifth of the data)
+    eval_every: int = 500
+    eval_batch_size: int = 16
+    checkpoint_every: int = 1000
+    seed: int = 0
+    device: str = "auto"
+    target_dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    save_dtype: str = "bfloat16"
+    max_bytes: int = 8 * MiB  # saved head (embedding excluded)
+    init_from_target: bool = True
+    max_train_seconds: float | None = None  # time budget: the schedule completes within it
+    keep_checkpoint: bool = False
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        k = self.num_speculative_tokens
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ConfigError(f"num_speculative_tokens must be an integer >= 1, got {k!r}")
+        for name in ("draft_vocab_size", "num_layers", "steps", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not (0 < self.deep_keep <= 1 and 0 < self.deep_min_keep <= 1):
+            raise ConfigError(f"deep_keep and deep_min_keep must be in (0, 1], got {self.deep_keep}, "
+                              f"{self.deep_min_keep}")
+        if self.segment_len < 0:
+            raise ConfigError(f"segment_len must be >= 0 (0: whole sequences), got {self.segment_len}")
+        parse_dtype(self.save_dtype)
+
+    @property
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+# --- the head's shape ------------------------------------------------------------------------
+
+def pick_aux_layers(num_layers: int) -> tuple[int, ...]:
+    """EAGLE-3's (2, L//2, L-3) when those are distinct; else low/middle/last-layer inputs
+    spread over a shallow target (5 layers: 1, 2, 4)."""
+    default = default_aux_layers(num_layers)
+    if len(set(default)) == 3 and min(default) >= 0:
+        return default
+    if num_layers >= 4:
+        return (1, num_layers // 2, num_layers - 1)
+    return tuple(range(num_layers))
+
+
+def drafter_config(target: ModelConfig, tc: TrainConfig, mask_token_id: int | None) -> Eagle3Config:
+    aux = tuple(tc.aux_layers) if tc.aux_layers else pick_aux_layers(target.num_hidden_layers)
+    bad = [i for i in aux if not 0 <= i < target.num_hidden_layers]
+    if bad:
+        raise ConfigError(f"aux layers {bad} are outside the target's {target.num_hidden_layers} layers")
+    if tc.draft_vocab_size > target.vocab_size:
+        raise ConfigError(f"draft vocabulary size {tc.draft_vocab_size} exceeds the target's vocabulary "
+                          f"({target.vocab_size})")
+    parallel = tc.method == "p-eagle"
+    return Eagle3Config(
+        hidden_size=target.hidden_size, intermediate_size=tc.intermediate_size or target.hidden_size * 3 // 2,
+        num_attention_heads=target.num_attention_heads, num_key_value_heads=target.num_key_value_heads,
+        head_dim=target.head_dim, vocab_size=target.vocab_size, draft_vocab_size=tc.draft_vocab_size,
+        target_hidden_size=target.hidden_size, num_hidden_layers=tc.num_layers, rms_norm_eps=target.rms_norm_eps,
+        rope_theta=target.rope_theta, rope_scaling=target.rope_scaling,
+        max_position_embeddings=target.max_position_embeddings, aux_layer_ids=aux,
+        parallel_drafting=parallel, mask_token_id=(mask_token_id if mask_token_id is not None else 0)
+        if parallel else None)
+
+
+def head_bytes(cfg: Eagle3Config, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of the saved head: float tensors in ``dtype``, d2t/t2d as they are, no embedding."""
+    with torch.device("meta"):
+        model = Eagle3Drafter(cfg)
+    return sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
+               for name, t in model.state_dict().items() if not name.startswith("embed_tokens."))
+
+
+def check_head_size(cfg: Eagle3Config, tc: TrainConfig) -> int:
+    size = head_bytes(cfg, parse_dtype(tc.save_dtype))
+    if size > tc.max_bytes:
+        raise ConfigError(f"the head would take {size / MiB:.2f} MiB in {tc.save_dtype}, over the "
+                          f"{tc.max_bytes / MiB:.2f} MiB budget (max_bytes); lower the draft vocabulary, "
+                          "the intermediate size or the layers")
+    return size
+
+
+# --- the trainer -----------------------------------------------------------------------------
+
+class Trainer:
+    def __init__(self, target, target_cfg: ModelConfig, data: DrafterData, tc: TrainConfig, out_dir: str,
+                 eos_ids: tuple[int, ...] = (), target_dir: str | None = None):
+        self.tc, self.out_dir, self.data, self.target = tc, out_dir, data, target
+        self.device = tc.resolved_device
+        self.train_idx, self.heldout_idx = data.split(tc.heldout, tc.seed)
+        self._perms: dict[int, list[int]] = {}
+        if not self.train_idx:
+            raise ConfigError("no training sequences")
+        counts = data.token_counts(target_cfg.vocab_size, self.train_idx)
+        self.vocab: DraftVocab = build_draft_vocab(counts, tc.draft_vocab_size, always=eos_ids)
+        mask_id = tc.mask_token_id
+        if tc.method == "p-eagle" and mask_id is None:
+            if target_dir is None:
+                raise ConfigError("P-EAGLE needs mask_token_id (or the target directory to pick one)")
+            mask_id = pick_mask_token(target_dir, counts, exclude=eos_ids)
+        if mask_id is not None and not 0 <= mask_id < target_cfg.vocab_size:
+            raise ConfigError(f"mask_token_id {mask_id} is outside the target's vocabulary")
+        self.cfg = drafter_config(target_cfg, tc, mask_id)
+        self.head_bytes = check_head_size(self.cfg, tc)
+        self.keep = depth_keep_fractions(tc.num_speculative_tokens, tc.deep_keep, tc.deep_min_keep)
+        torch.manual_seed(tc.seed)
+        max_len = max(len(s) for s in data.sequences)
+        self.drafter = Eagle3Drafter(self.cfg, max_positions=max(target_cfg.max_position_embeddings, max_len)
+                                     + tc.num_speculative_tokens + 1).to(self.device)
+        self.drafter.embed_tokens = target.model.embed_tokens  # shared, frozen, not saved
+        self.drafter.embed_tokens.weight.requires_grad_(False)
+        with torch.no_grad():
+            self.drafter.d2t.copy_(self.vocab.d2t)
+            self.drafter.t2d.copy_(self.vocab.t2d)
+            self._init_from_target(target, target_cfg)
+        self.params = [p for n, p in self.drafter.named_parameters() if not n.startswith("embed_tokens.")]
+        self.optimizer = torch.optim.AdamW(self.params, lr=tc.lr, betas=(0.9, 0.95), eps=1e-8,
+                                           weight_decay=tc.weight_decay)
+        self.step = 0
+        self.metrics: dict = {"train": [], "eval": []}
+
+    def _init_from_target(self, target, target_cfg: ModelConfig) -> None:
+        if self.cfg.parallel_drafting:
+            batch, cap = self._capture(self._batch_indices(0))
+            real = torch.arange(batch.tokens.shape[1], device=self.device)[None, :] < batch.lengths[:, None]
+            self.drafter.mask_hidden.copy_(cap.features[real].float().mean(0, keepdim=True))
+        if self.tc.init_from_target and self.cfg.hidden_size == target_cfg.hidden_size:
+            ids = self.vocab.ids.to(self.device)
+            self.drafter.lm_head.weight.copy_(target.lm_head.weight[ids].float())
+            self.drafter.norm.weight.copy_(target.model.norm.weight.float())
+
+    # --- data ---------------------------------------------------------------------------
+    def _batch_indices(self, step: int) -> list[int]:
+        n, B = len(self.train_idx), self.tc.batch_size
+        out = []
+        for i in range(step * B, (step + 1) * B):
+            epoch, j = divmod(i, n)
+            if epoch not in self._perms:
+                g = torch.Generator().manual_seed(self.tc.seed * 7919 + epoch)
+                self._perms[epoch] = torch.randperm(n, generator=g).tolist()
+            out.append(self.train_idx[self._perms[epoch][j]])
+        return out
+
+    def _capture(self, indices: list[int]):
+        batch = self.data.batch(indices, self.device)
+        return batch, capture(self.target, batch, self.cfg.aux_layer_ids, self.vocab)
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def lr_at(self, step: int, train_seconds: float = 0.0) -> float:
+        """Linear warm-up, then cosine decay to min_lr_ratio over the progress, which is
+        step / steps, or the share of max_train_seconds spent when that is further along
+        (the schedule then completes within the time budget)."""
+        tc = self.tc
+        warmup = tc.warmup_steps if tc.warmup_steps is not None else max(1, tc.steps // 20)
+        if step < warmup:
+            return tc.lr * (step + 1) / warmup
+        progress = (step - warmup) / max(1, tc.steps - warmup)
+        if tc.max_train_seconds:
+            progress = max(progress, train_seconds / tc.max_train_seconds)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * cosine)
+
+    # --- one batch ----------------------------------------------------------------------
+    def batch_loss(self, indices: list[int], step: int | None, bounds=None, backward: bool = True,
+                   chain: bool = False) -> tuple[float, DepthStats, Batch]:
+        """Loss of one batch, gradients accumulated segment by segment. ``step`` seeds
+        P-EAGLE's depth subsampling; None keeps every anchor at every depth (evaluation)."""
+        batch, cap = self._capture(indices)
+        K = self.tc.num_speculative_tokens
+        keep = None
+        generator = None
+        if step is not None and self.tc.method == "p-eagle":
+            keep = self.keep
+            generator = torch.Generator().manual_seed(self.tc.seed * 1_000_003 + step)
+        plan = make_plan(batch, cap, K, self.tc.depth_decay, keep, generator)
+        A = batch.tokens.shape[1] - 1
+        stats = DepthStats.zeros(K, self.device, (len(indices), K, A) if chain else None)
+        total = 0.0
+        for a, e in bounds or segment_bounds(A, self.tc.segment_len):
+            with self._autocast():
+                loss = segment_loss(self.tc.method, self.drafter, batch, cap, plan, a, e,
+                                    self.cfg.mask_token_id, stats)
+            if backward:
+                loss.backward()
+            total += loss.detach()
+        return float(total), stats, batch
+
+    def train_step(self, train_seconds: float = 0.0) -> dict:
+        lr = self.lr_at(self.step, train_seconds)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        self.drafter.train()
+        loss, stats, _ = self.batch_loss(self._batch_indices(self.step), self.step)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.tc.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm), **stats.summary()}
+        self.metrics["train"].append(record)
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Held-out per-depth top-1 accuracy and KL (every anchor at every depth), and the
+        acceptance length estimated on greedy responses: 1 + the mean number of leading
+        depths whose top-1 equals the actual greedy token."""
+        self.drafter.eval()
+        K = self.tc.num_speculative_tokens
+        total = DepthStats.zeros(K, self.device)
+        accepted, anchors = 0.0, 0
+        idx = self.heldout_idx or self.train_idx[:self.tc.eval_batch_size]
+        for start in range(0, len(idx), self.tc.eval_batch_size):
+            chunk = idx[start:start + self.tc.eval_batch_size]
+            _, stats, batch = self.batch_loss(chunk, None, backward=False, chain=True)
+            total.add(stats)
+            A = batch.tokens.shape[1] - 1
+            p = torch.arange(A, device=self.device)[None, :]
+            eligible = (batch.greedy[:, None] & (p >= batch.prompt_lens[:, None] - 2)
+                        & (p <= batch.lengths[:, None] - 2 - K))
+            run = stats.chain.long().cumprod(dim=1).sum(dim=1)  # [B, A] leading hits
+            accepted += float(run[eligible].sum())
+            anchors += int(eligible.sum())
+        self.drafter.train()
+        out = {"step": self.step, **total.summary(),
+               "acceptance_length": 1 + accepted / anchors if anchors else None, "anchors": anchors}
+        self.metrics["eval"].append(out)
+        return out
+
+    # --- checkpoints --------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> str:
+        return os.path.join(self.out_dir, "checkpoint")
+
+    def _fingerprint(self) -> dict:
+        """What a resumed run must share with the checkpoint's."""
+        free = ("max_train_seconds", "keep_checkpoint", "device", "eval_every", "checkpoint_every")
+        return {"drafter": self.cfg.to_dict(), "data": {"digest": self.data.digest()},
+                "train": {k: v for k, v in asdict(self.tc).items() if k not in free}}
+
+    def save_checkpoint(self) -> None:
+        path = self.checkpoint_dir
+        os.makedirs(path, exist_ok=True)
+        weights = {n: t.detach().cpu().contiguous() for n, t in self.drafter.state_dict().items()
+                   if not n.startswith("embed_tokens.")}
+        save_file(weights, os.path.join(path, "drafter.safetensors.tmp"))
+        state = self.optimizer.state_dict()
+        moments = {f"{i}.{k}": v.detach().cpu().contiguous() for i, s in state["state"].items()
+                   for k, v in s.items() if isinstance(v, torch.Tensor)}
+        save_file(moments, os.path.join(path, "optimizer.safetensors.tmp"))
+        trainer_state = {"step": self.step, "metrics": self.metrics, "fingerprint": self._fingerprint(),
+                         "param_groups": state["param_groups"]}
+        with open(os.path.join(path, "trainer_state.json.tmp"), "w") as f:
+            json.dump(trainer_state, f)
+        for name in ("drafter.safetensors", "optimizer.safetensors", "trainer_state.json"):
+            os.replace(os.path.join(path, name + ".tmp"), os.path.join(path, name))
+
+    def load_checkpoint(self) -> bool:
+        path = self.checkpoint_dir
+        state_file = os.path.join(path, "trainer_state.json")
+        if not os.path.isfile(state_file):
+            return False
+        with open(state_file) as f:
+            trainer_state = json.load(f)
+        saved = json.loads(json.dumps(trainer_state["fingerprint"]))
+        mine = json.loads(json.dumps(self._fingerprint()))
+        if saved != mine:
+            diff = sorted(k for part in ("drafter", "data", "train") for k in set(saved[part]) | set(mine[part])
+                          if saved[part].get(k) != mine[part].get(k))
+            raise ConfigError(f"cannot resume from {path}: the run differs in {', '.join(diff)}")
+        with safe_open(os.path.join(path, "drafter.safetensors"), framework="pt", device=str(self.device)) as f:
+            weights = {n: f.get_tensor(n) for n in f.keys()}
+        missing, unexpected = self.drafter.load_state_dict(weights, strict=False)
+        missing = [n for n in missing if not n.startswith("embed_tokens.")]
+        if missing or unexpected:
+            raise ConfigError(f"checkpoint {path} does not fit the drafter: missing {missing}, unexpected {unexpected}")
+        moments: dict[int, dict] = {}
+        with safe_open(os.path.join(path, "optimizer.safetensors"), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                i, key = name.split(".", 1)
+                moments.setdefault(int(i), {})[key] = f.get_tensor(name)
+        for i, s in moments.items():  # moments on the parameter's device, the step count where AdamW keeps it
+            param = self.params[i]
+            for key, v in s.items():
+                s[key] = v if key == "step" else v.to(param.device)
+        self.optimizer.load_state_dict({"state": moments, "param_groups": trainer_state["param_groups"]})
+        self.step = trainer_state["step"]
+        self.metrics = trainer_state["metrics"]
+        return True
+
+    # --- the loop -----------------------------------------------------------------------
+    def train(self) -> dict:
+        """Steps until ``steps`` (or ``max_train_seconds`` of training, evaluations and
+        checkpoints not counted), evaluating and checkpointing on the way."""
+        tc = self.tc
+        train_seconds = self.metrics.get("train_seconds", 0.0)
+        stopped_early = False
+        with tqdm(total=tc.steps, initial=self.step, desc=f"train {tc.method}", unit="step") as bar:
+            while self.step < tc.steps:
+                start = time.perf_counter()
+                rec = self.train_step(train_seconds)  # reads the loss back: the step has finished
+                train_seconds += time.perf_counter() - start
+                self.metrics["train_seconds"] = train_seconds
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", acc0=f"{rec['acc'][0]:.2f}",
+                                accK=f"{rec['acc'][-1]:.2f}")
+                if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.steps:
+                    ev = self.evaluate()
+                    bar.write(f"step {self.step}: held-out acc " + " ".join(f"{a:.2f}" for a in ev["acc"])
+                              + (f", acceptance length ~{ev['acceptance_length']:.2f}"
+                                 if ev["acceptance_length"] else ""))
+                if tc.checkpoint_every and self.step % tc.checkpoint_every == 0 and self.step < tc.steps:
+                    self.save_checkpoint()
+                if tc.max_train_seconds and train_seconds >= tc.max_train_seconds:
+                    stopped_early = self.step < tc.steps
+                    break
+        self.metrics["stopped_early"] = stopped_early
+        self.metrics["final_eval"] = self.evaluate()
+        if tc.keep_checkpoint:
+            self.save_checkpoint()
+        return self.metrics["final_eval"]
+
+    def save_head(self, path: str | None = None) -> str:
+        path = path or self.out_dir
+        head = copy.deepcopy(self.drafter).to(parse_dtype(self.tc.save_dtype))
+        save_eagle3(head, path, include_embedding=False)
+        return path
+
+
+def load_target(target_dir: str, tc: TrainConfig):
+    from parspec.loader import load_model
+
+    device = tc.resolved_device
+    dtype = parse_dtype(tc.target_dtype) if tc.target_dtype != "auto" else (
+        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    target, cfg = load_model(target_dir, dtype, device)
+    target.requires_grad_(False)
+    return target.eval(), cfg
+
+
+def train_drafter(target_dir: str, out_dir: str, data: DrafterData, tc: TrainConfig, resume: bool = False,
+                  command: str | None = None) -> dict:
+    """Train, save the head in vLLM's layout with its metrics, loss plot and card; returns
+    the metrics."""
+    from parspec.tokenizer import Tokenizer
+    from parspec.train.report import plot_metrics, write_card
+
+    target, target_cfg = load_target(target_dir, tc)
+    tok = Tokenizer(target_dir)
+    eos_ids = tuple(tok.eos_token_ids) + ((tok.bos_token_id,) if tok.bos_token_id is not None else ())
+    trainer = Trainer(target, target_cfg, data, tc, out_dir, eos_ids=eos_ids, target_dir=target_dir)
+    print(f"drafter: {tc.method}, K={tc.num_speculative_tokens}, draft vocab {tc.draft_vocab_size}, "
+          f"aux layers {list(trainer.cfg.aux_layer_ids)}, mask token {trainer.cfg.mask_token_id}, "
+          f"{trainer.head_bytes / MiB:.2f} MiB in {tc.save_dtype} (budget {tc.max_bytes / MiB:.2f} MiB)")
+    if resume and trainer.load_checkpoint():
+        print(f"resumed from {trainer.checkpoint_dir} at step {trainer.step}")
+    trainer.train()
+    os.makedirs(out_dir, exist_ok=True)
+    trainer.save_head(out_dir)
+    metrics = trainer.metrics
+    metrics.update({"method": tc.method, "command": command, "config": asdict(tc),
+                    "drafter": trainer.cfg.to_dict(), "head_bytes": trainer.head_bytes,
+                    "data": {**data.meta, "sequences": len(data), "tokens": data.num_tokens,
+                             "train_sequences": len(trainer.train_idx),
+                             "heldout_sequences": len(trainer.heldout_idx)},
+                    "steps_done": trainer.step})
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    plot_metrics(metrics, os.path.join(out_dir, "loss.png"))
+    write_card(metrics, os.path.join(out_dir, "README.md"))
+    if not tc.keep_checkpoint and os.path.isdir(trainer.checkpoint_dir):
+        shutil.rmtree(trainer.checkpoint_dir)
+    return metrics
