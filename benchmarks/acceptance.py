@@ -30,7 +30,8 @@ SEED_REFERENCE = {"K=3": 3.02, "K=7": 3.94}
 
 def git_commit() -> str:
     try:
-        return subprocess.check_output(["git", "-C", REPO, "rev-parse", "HEAD"], text=True).strip()
+        return subprocess.check_output(["git", "-C", REPO, "rev-parse", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
     except (OSError, subprocess.CalledProcessError):
         return os.environ.get("PARSPEC_COMMIT", "unknown")
 

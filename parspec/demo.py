@@ -88,7 +88,7 @@ def run_demo(args) -> int:
         identical = [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in base]
         all_identical &= identical
         stats = llm.engine.stats
-        passes = llm.engine.drafter_passes / max(stats.num_steps, 1)
+        passes = llm.engine.drafter_passes_per_step
         print(f"{name:24s} K={spec['num_speculative_tokens']}: greedy text identical: {'yes' if identical else 'NO'}; "
               f"acceptance length {stats.acceptance_length:.2f} tokens/step; "
               f"drafter passes/step {passes:.1f}; {elapsed:.2f}s, speed-up {base_time / elapsed:.2f}x")

@@ -136,6 +136,7 @@ class LLMEngine:
         t1 = time.perf_counter()
         if proposal is not None:
             self.drafter_passes += proposal.drafter_passes
+            self.draft_steps += 1
         out = self.runner.step(seqs, prefill, proposal)
         if self.proposer:
             self.proposer.observe(seqs, out, prefill)
@@ -205,6 +206,11 @@ class LLMEngine:
         self.stats = SpecStats()
         self.step_times = {"draft": 0.0, "verify": 0.0}
         self.drafter_passes = 0
+        self.draft_steps = 0  # engine steps that drafted (one per batch, not per sequence)
+
+    @property
+    def drafter_passes_per_step(self) -> float:
+        return self.drafter_passes / self.draft_steps if self.draft_steps else 0.0
 
     def abort_all(self) -> None:
         for seq in list(self.scheduler.running):
