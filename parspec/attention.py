@@ -50,33 +50,44 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Causal attention of queries ``[T, Hq, D]`` over the paged cache; returns ``[T, Hq, D]``.
 
-    Computed in float32 one sequence at a time: slow, obviously right.
-    """
-    num_q_heads, head_dim = q.shape[1], q.shape[2]
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    group = num_q_heads // num_kv_heads
-    out = torch.empty_like(q)
+    Computed in float32 over dense, padded copies of each sequence's keys and values:
+    sequences with the same query length go together (a decode or verify step is one
+    group), so thousands of short sequences cost a few tensor ops, not a Python loop."""
     starts = meta.query_start_loc.tolist()
     lens = meta.seq_lens.tolist()
-    for b, seq_len in enumerate(lens):
-        q0, q1 = starts[b], starts[b + 1]
-        q_len = q1 - q0
-        if q_len == 0:
-            continue
-        n_blocks = (seq_len + block_size - 1) // block_size
-        blocks = meta.block_tables[b, :n_blocks].long()
-        k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
-        v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
-        k = k.repeat_interleave(group, dim=1)  # [S, Hq, D]
-        v = v.repeat_interleave(group, dim=1)
-        qb = q[q0:q1].float()  # [Q, Hq, D]
-        scores = torch.einsum("qhd,shd->hqs", qb, k) * scale
-        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
-        k_pos = torch.arange(seq_len, device=q.device)
-        scores.masked_fill_((k_pos[None, :] > q_pos[:, None])[None], float("-inf"))
-        probs = scores.softmax(dim=-1)
-        out[q0:q1] = torch.einsum("hqs,shd->qhd", probs, v).to(q.dtype)
+    groups: dict[int, list[int]] = {}
+    for b in range(len(lens)):
+        if starts[b + 1] > starts[b]:
+            groups.setdefault(starts[b + 1] - starts[b], []).append(b)
+    out = torch.empty_like(q)
+    for q_len, seqs in groups.items():
+        rows = torch.tensor([starts[b] for b in seqs], device=q.device)[:, None] + torch.arange(q_len, device=q.device)
+        seq_lens = torch.tensor([lens[b] for b in seqs], device=q.device)
+        o = _attend_padded(q[rows], k_cache, v_cache, meta.block_tables[seqs], seq_lens, max(lens[b] for b in seqs),
+                           scale)
+        out[rows.flatten()] = o.flatten(0, 1).to(q.dtype)
     return out
+
+
+def _attend_padded(q, k_cache, v_cache, block_tables, seq_lens, max_len: int, scale: float) -> torch.Tensor:
+    """q ``[G, Q, Hq, D]``: the last Q tokens of G sequences of lengths ``seq_lens``."""
+    num_blocks, block_size, num_kv_heads = k_cache.shape[:3]
+    group = q.shape[2] // num_kv_heads
+    q_len = q.shape[1]
+    n = (max_len + block_size - 1) // block_size
+    tables = block_tables[:, :n].long().clamp(0, num_blocks - 1)  # padding entries read junk, masked below
+    k_pos = torch.arange(max_len, device=q.device)
+    present = (k_pos[None] < seq_lens[:, None])[:, :, None, None]  # [G, S, 1, 1]
+    # Zero what lies past each sequence's end so junk (even NaN) never reaches the output.
+    k = k_cache[tables].flatten(1, 2)[:, :max_len].float().masked_fill(~present, 0.0)
+    v = v_cache[tables].flatten(1, 2)[:, :max_len].float().masked_fill(~present, 0.0)
+    k = k.repeat_interleave(group, dim=2)  # [G, S, Hq, D]
+    v = v.repeat_interleave(group, dim=2)
+    scores = torch.einsum("gqhd,gshd->ghqs", q.float(), k) * scale
+    q_pos = seq_lens[:, None] - q_len + torch.arange(q_len, device=q.device)  # [G, Q]
+    visible = k_pos[None, None, :] <= q_pos[:, :, None]  # causal; implies inside the sequence
+    scores.masked_fill_(~visible[:, None], float("-inf"))
+    return torch.einsum("ghqs,gshd->gqhd", scores.softmax(dim=-1), v)
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
