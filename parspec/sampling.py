@@ -85,7 +85,7 @@ def probs_from_logits(logits: torch.Tensor, s: BatchSampling) -> torch.Tensor:
 
     Greedy rows become one-hot at the argmax (first index on ties), which makes rejection
     sampling reduce exactly to greedy verification for them."""
-    b, v = logits.shape[0], logits.shape[-1]
+    b = logits.shape[0]
     shape = (b,) + (1,) * (logits.dim() - 1)
     logits = logits.float()
     greedy = (s.temperature == 0).view(shape)

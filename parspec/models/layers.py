@@ -105,6 +105,17 @@ class PagedSelfAttention(nn.Module):
         """``meta`` is the paged-cache metadata at inference, or, for training without a
         cache, a boolean mask ``[..., T, T]`` (True = may attend) over ``x`` of ``[..., T, C]``."""
         lead = x.shape[:-1]
+        q, k, v = self.project_qkv(x, positions)
+        if isinstance(meta, torch.Tensor):
+            o = self._dense_attention(q, k, v, meta)
+        else:
+            write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            o = paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
+        return self.o_proj(o.reshape(*lead, self.q_size))
+
+    def project_qkv(self, x: torch.Tensor, positions: torch.Tensor):
+        """Queries, keys and values ``[..., T, heads, D]``, normed (Qwen3) and rotated."""
+        lead = x.shape[:-1]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(*lead, self.num_heads, self.head_dim)
         k = k.view(*lead, self.num_kv_heads, self.head_dim)
@@ -112,12 +123,7 @@ class PagedSelfAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(positions, q, k)
-        if isinstance(meta, torch.Tensor):
-            o = self._dense_attention(q, k, v, meta)
-        else:
-            write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-            o = paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
-        return self.o_proj(o.reshape(*lead, self.q_size))
+        return q, k, v
 
     def _dense_attention(self, q, k, v, mask):
         group = self.num_heads // self.num_kv_heads

@@ -10,10 +10,9 @@ import torch
 
 from parspec.config import ConfigError, SpeculativeConfig
 from parspec.engine.metadata import build_attention_metadata
-from parspec.kv_cache import allocate_kv_cache, bind_kv_cache, kv_bytes_per_block
 from parspec.loader import load_model
 from parspec.sampling import BatchSampling, probs_from_logits
-from parspec.spec.proposer import Proposal, Proposer
+from parspec.spec.proposer import ModelProposer, Proposal
 from parspec.spec.verify import draw_verification_noise
 
 
@@ -39,7 +38,7 @@ def check_same_vocabulary(draft_dir: str, draft_vocab_size: int, target_dir: str
                           "speculation needs the same vocabulary")
 
 
-class DraftModelProposer(Proposer):
+class DraftModelProposer(ModelProposer):
     def __init__(self, spec: SpeculativeConfig, engine):
         super().__init__(spec.num_speculative_tokens)
         self.device, self.dtype = engine.device, engine.dtype
@@ -47,16 +46,6 @@ class DraftModelProposer(Proposer):
                                           max_positions=engine.max_model_len + self.k + 1)
         self.target_vocab = engine.model_config.vocab_size
         check_same_vocabulary(spec.model, self.cfg.vocab_size, engine.cfg.model, self.target_vocab)
-
-    def kv_bytes_per_block(self, block_size: int) -> int:
-        c = self.cfg
-        return kv_bytes_per_block(c.num_hidden_layers, block_size, c.num_key_value_heads, c.head_dim, self.dtype)
-
-    def allocate(self, num_blocks: int, block_size: int) -> None:
-        self.block_size = block_size
-        self.kv_cache = allocate_kv_cache(self.cfg.num_hidden_layers, num_blocks, block_size,
-                                          self.cfg.num_key_value_heads, self.cfg.head_dim, self.dtype, self.device)
-        bind_kv_cache(self.model.attention_layers, self.kv_cache)
 
     @torch.inference_mode()
     def propose(self, seqs) -> Proposal:

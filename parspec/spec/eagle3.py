@@ -42,10 +42,9 @@ import torch
 
 from parspec.config import ConfigError, ModelConfig, SpeculativeConfig
 from parspec.engine.metadata import build_attention_metadata
-from parspec.kv_cache import allocate_kv_cache, bind_kv_cache, kv_bytes_per_block
 from parspec.models.eagle3 import Eagle3Config, Eagle3Drafter, default_aux_layers, load_eagle3
 from parspec.sampling import BatchSampling, probs_from_logits
-from parspec.spec.proposer import Proposal, Proposer
+from parspec.spec.proposer import ModelProposer, Proposal
 from parspec.spec.verify import draw_verification_noise
 
 MIN_LAYERS_FOR_DEFAULT_AUX = 4
@@ -111,7 +110,7 @@ def check_head_model(model: Eagle3Drafter, target: ModelConfig, aux: tuple[int, 
         raise ConfigError(f"parallel_drafting is on but drafter {path} has no mask_hidden")
 
 
-class Eagle3Proposer(Proposer):
+class Eagle3Proposer(ModelProposer):
     def __init__(self, spec: SpeculativeConfig, engine):
         super().__init__(spec.num_speculative_tokens)
         self.device, self.dtype = engine.device, engine.dtype
@@ -127,17 +126,6 @@ class Eagle3Proposer(Proposer):
         check_head_model(self.model, target, self.aux_layers, path, self.parallel)
         self.mask_token_id = self.cfg.mask_token_id if self.parallel else None
         self.block_size = None
-
-    # --- cache --------------------------------------------------------------------------
-    def kv_bytes_per_block(self, block_size: int) -> int:
-        c = self.cfg
-        return kv_bytes_per_block(c.num_hidden_layers, block_size, c.num_key_value_heads, c.head_dim, self.dtype)
-
-    def allocate(self, num_blocks: int, block_size: int) -> None:
-        self.block_size = block_size
-        self.kv_cache = allocate_kv_cache(self.cfg.num_hidden_layers, num_blocks, block_size,
-                                          self.cfg.num_key_value_heads, self.cfg.head_dim, self.dtype, self.device)
-        bind_kv_cache(self.model.attention_layers, self.kv_cache)
 
     # --- state --------------------------------------------------------------------------
     def observe(self, seqs, step, prefill: bool) -> None:

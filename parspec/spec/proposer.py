@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from parspec.kv_cache import allocate_kv_cache, bind_kv_cache, kv_bytes_per_block
+
 if TYPE_CHECKING:
     from parspec.engine.model_runner import StepOutput
     from parspec.engine.sequence import Sequence
@@ -51,3 +53,24 @@ class Proposer:
     def release(self, seq: Sequence) -> None:
         """The sequence finished or was preempted; drop its state."""
         seq.draft_state.clear()
+
+
+class ModelProposer(Proposer):
+    """A proposer that runs a model of its own (``self.model`` with ``config`` fields
+    num_hidden_layers / num_key_value_heads / head_dim) with paged KV layers laid out
+    like the target's and indexed by the same block tables."""
+
+    model: torch.nn.Module
+    device: torch.device
+    dtype: torch.dtype
+
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        c = self.model.config
+        return kv_bytes_per_block(c.num_hidden_layers, block_size, c.num_key_value_heads, c.head_dim, self.dtype)
+
+    def allocate(self, num_blocks: int, block_size: int) -> None:
+        c = self.model.config
+        self.block_size = block_size
+        self.kv_cache = allocate_kv_cache(c.num_hidden_layers, num_blocks, block_size, c.num_key_value_heads,
+                                          c.head_dim, self.dtype, self.device)
+        bind_kv_cache(self.model.attention_layers, self.kv_cache)

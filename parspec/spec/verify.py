@@ -239,6 +239,17 @@ def _greedy_kernel(draft_ptr, num_drafts_ptr, target_ptr, out_ptr, num_acc_ptr,
 
 
 @triton.jit
+def _load_p_q(p_row, q_row, offs_v, in_v, x, stride_pv, stride_qv, q_mask, HAS_Q: tl.constexpr):
+    """One vocabulary block of p and q; without draft probabilities q is one-hot at x."""
+    p = tl.load(p_row + offs_v * stride_pv, mask=in_v, other=0.0)
+    if HAS_Q:
+        q = tl.load(q_row + offs_v * stride_qv, mask=in_v & q_mask, other=0.0)
+    else:
+        q = tl.where(offs_v == x, 1.0, 0.0)
+    return p, q
+
+
+@triton.jit
 def _rejection_kernel(draft_ptr, num_drafts_ptr, q_ptr, p_ptr, u_ptr, noise_ptr,
                       out_ptr, num_acc_ptr,
                       stride_db, stride_dk, stride_qb, stride_qk, stride_qv,
@@ -277,11 +288,7 @@ def _rejection_kernel(draft_ptr, num_drafts_ptr, q_ptr, p_ptr, u_ptr, noise_ptr,
     for v0 in range(0, V, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         in_v = offs_v < V
-        p = tl.load(p_row + offs_v * stride_pv, mask=in_v, other=0.0)
-        if HAS_Q:
-            q = tl.load(q_row + offs_v * stride_qv, mask=in_v & rejected, other=0.0)
-        else:
-            q = tl.where(offs_v == x_j, 1.0, 0.0)
+        p, q = _load_p_q(p_row, q_row, offs_v, in_v, x_j, stride_pv, stride_qv, rejected, HAS_Q)
         r = _residual(p, q)
         noise = tl.load(n_row + offs_v * stride_nv, mask=in_v, other=1.0)
         best_r, idx_r = _race_step(r, noise, in_v, v0, best_r, idx_r)
@@ -314,11 +321,7 @@ def _components_kernel(draft_ptr, q_ptr, p_ptr, accept_ptr, res_ptr,
     for v0 in range(0, V, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         in_v = offs_v < V
-        p = tl.load(p_row + offs_v * stride_pv, mask=in_v, other=0.0)
-        if HAS_Q:
-            q = tl.load(q_row + offs_v * stride_qv, mask=in_v, other=0.0)
-        else:
-            q = tl.where(offs_v == x, 1.0, 0.0)
+        p, q = _load_p_q(p_row, q_row, offs_v, in_v, x, stride_pv, stride_qv, True, HAS_Q)
         r_sum += tl.sum(_residual(p, q), axis=0)
         p_sum += tl.sum(p, axis=0)
     use_r = r_sum > 0
@@ -327,11 +330,7 @@ def _components_kernel(draft_ptr, q_ptr, p_ptr, accept_ptr, res_ptr,
     for v0 in range(0, V, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         in_v = offs_v < V
-        p = tl.load(p_row + offs_v * stride_pv, mask=in_v, other=0.0)
-        if HAS_Q:
-            q = tl.load(q_row + offs_v * stride_qv, mask=in_v, other=0.0)
-        else:
-            q = tl.where(offs_v == x, 1.0, 0.0)
+        p, q = _load_p_q(p_row, q_row, offs_v, in_v, x, stride_pv, stride_qv, True, HAS_Q)
         dist = tl.where(use_r, _residual(p, q), p)
         tl.store(out_row + offs_v, tl.div_rn(dist, denom), mask=in_v)
 

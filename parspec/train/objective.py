@@ -101,13 +101,7 @@ def reused_keys_values(drafter):
     def reusing(attn, kept: dict):
         def forward(x, positions, mask):
             lead = x.shape[:-1]
-            q, k, v = attn.qkv_proj(x).split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-            q = q.view(*lead, attn.num_heads, attn.head_dim)
-            k = k.view(*lead, attn.num_kv_heads, attn.head_dim)
-            v = v.view(*lead, attn.num_kv_heads, attn.head_dim)
-            if attn.q_norm is not None:
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k = attn.rope(positions, q, k)
+            q, k, v = attn.project_qkv(x, positions)
             if kept:
                 k, v = torch.cat([kept["k"], k], dim=-3), torch.cat([kept["v"], v], dim=-3)
             kept["k"], kept["v"] = k, v
