@@ -202,6 +202,9 @@ class SpeculativeConfig:
             raise ConfigError(f"speculative config needs \"method\" (one of {', '.join(SPEC_METHODS)}): {value!r}")
         if value["method"] == "eagle":
             raise ConfigError("speculative method 'eagle' (EAGLE-1/2) is not supported; use 'eagle3'")
+        if value["method"] not in SPEC_METHODS:
+            raise ConfigError(f"unknown speculative method {value['method']!r}; "
+                              f"choose one of {', '.join(SPEC_METHODS)}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(value) - known)
         if unknown:

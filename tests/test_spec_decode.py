@@ -26,7 +26,7 @@ def _prompts(batch: int, vocab: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def perturbed_copy(hf, path: str, scale: float, seed: int = 0) -> str:
+def perturbed_copy(hf, path: str, scale: float, seed: int = 0, tokenizer: bool = True) -> str:
     """The target with noise on every matrix: a draft model that agrees often, not always."""
     import copy
 
@@ -39,7 +39,8 @@ def perturbed_copy(hf, path: str, scale: float, seed: int = 0) -> str:
             if p.dim() == 2:
                 p.add_(torch.randn(p.shape, generator=g) * scale)
     model.save_pretrained(path, safe_serialization=True)
-    write_tokenizer(path, hf.config.vocab_size)
+    if tokenizer:
+        write_tokenizer(path, hf.config.vocab_size)
     return path
 
 
