@@ -66,6 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--max-num-seqs", type=int, default=64)
     args = ap.parse_args(argv)
+    commit = git_commit()  # the code that runs is the code checked out now, not at the end
 
     from parspec import LLM, SamplingParams
 
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
             del llm
     record = {
         "benchmark": "acceptance length per target step, greedy",
-        "device": device_name(device), "dtype": args.dtype, "commit": git_commit(),
+        "device": device_name(device), "dtype": args.dtype, "commit": commit,
         "python": sys.version.split()[0], "torch": torch.__version__,
         "prompts": os.path.basename(args.prompts), "num_prompts": len(prompts), "max_tokens": args.max_tokens,
         "target": "fixtures/reference/target", "ks": ks, "results": results,
