@@ -107,11 +107,16 @@ def main(argv=None) -> int:
         "target": "fixtures/reference/target", "ks": ks, "results": results,
         "seed_reference_llama31_8b_humaneval_p_eagle": SEED_REFERENCE,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=2)
-    plot(record, os.path.splitext(args.out)[0] + ".png")
+    save_result(record, args.out, plot)
     return 0
+
+
+def save_result(record: dict, out: str, plot_fn) -> None:
+    """The JSON record, and its plot as a PNG beside it."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(record, f, indent=2)
+    plot_fn(record, os.path.splitext(out)[0] + ".png")
 
 
 def plot(record: dict, path: str) -> None:

@@ -24,7 +24,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from acceptance import FIX, device_name, git_commit  # noqa: E402
+from acceptance import FIX, device_name, git_commit, save_result  # noqa: E402
 
 TARGET = os.path.join(FIX, "target")
 
@@ -155,9 +155,7 @@ def main(argv=None) -> int:
         "note": "parspec runs eagerly (no CUDA graphs yet): per-step time is launch/overhead-bound, far above "
                 "the bandwidth floor; ratios are within this run on this device",
     }
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=2)
-    plot(record, os.path.splitext(args.out)[0] + ".png")
+    save_result(record, args.out, plot)
     return 0
 
 
