@@ -11,9 +11,8 @@ import torch
 from parspec.config import ConfigError, SpeculativeConfig
 from parspec.engine.metadata import build_attention_metadata
 from parspec.loader import load_model
-from parspec.sampling import BatchSampling, probs_from_logits
-from parspec.spec.proposer import ModelProposer, Proposal
-from parspec.spec.verify import draw_verification_noise
+from parspec.sampling import BatchSampling
+from parspec.spec.proposer import ModelProposer, Proposal, sample_drafts
 
 
 def _vocab_of(model_dir: str) -> dict | None:
@@ -63,30 +62,17 @@ class DraftModelProposer(ModelProposer):
             hidden, _ = self.model(tokens, positions, meta)
             last = meta.query_start_loc[1:].long() - 1
             logits = self.model.compute_logits(hidden[last])
-            token, q = self._sample(logits, sampling, seqs)
+            token, q = sample_drafts(logits, sampling, seqs)
+            if q is not None and q.shape[-1] < self.target_vocab:  # q lives on the target's vocabulary
+                q = torch.nn.functional.pad(q, (0, self.target_vocab - q.shape[-1]))
             drafts.append(token)
             probs.append(q)
             starts = [s + q for s, q in zip(starts, q_lens)]
             tokens = token
         for s, start in zip(seqs, starts):
             s.draft_state["fed_until"] = start  # draft K/V now cover positions < start
-        draft_tokens = torch.stack(drafts, dim=1)
-        return Proposal(
-            draft_tokens=draft_tokens,
-            num_drafts=torch.full((b,), self.k, dtype=torch.int32, device=self.device),
-            num_drafts_host=[self.k] * b,
-            draft_probs=None if probs[0] is None else torch.stack(probs, dim=1),
-            drafter_passes=self.k,
-        )
-
-    def _sample(self, logits: torch.Tensor, sampling: BatchSampling, seqs):
-        if sampling.all_greedy:
-            return logits.argmax(dim=-1), None
-        q = probs_from_logits(logits, sampling)
-        if q.shape[-1] < self.target_vocab:  # q lives on the target's vocabulary
-            q = torch.nn.functional.pad(q, (0, self.target_vocab - q.shape[-1]))
-        _, noise = draw_verification_noise(len(seqs), 0, q.shape[-1], [s.generator for s in seqs], self.device)
-        return (q / noise).argmax(dim=-1), q
+        return Proposal.full(torch.stack(drafts, dim=1), None if probs[0] is None else torch.stack(probs, dim=1),
+                             drafter_passes=self.k)
 
     def observe(self, seqs, step, prefill: bool) -> None:
         if prefill:

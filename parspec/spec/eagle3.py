@@ -43,9 +43,8 @@ import torch
 from parspec.config import ConfigError, ModelConfig, SpeculativeConfig
 from parspec.engine.metadata import build_attention_metadata
 from parspec.models.eagle3 import Eagle3Config, Eagle3Drafter, default_aux_layers, load_eagle3
-from parspec.sampling import BatchSampling, probs_from_logits
-from parspec.spec.proposer import ModelProposer, Proposal
-from parspec.spec.verify import draw_verification_noise
+from parspec.sampling import BatchSampling
+from parspec.spec.proposer import ModelProposer, Proposal, sample_drafts
 
 MIN_LAYERS_FOR_DEFAULT_AUX = 4
 
@@ -178,7 +177,6 @@ class Eagle3Proposer(ModelProposer):
     # --- drafting -----------------------------------------------------------------------
     @torch.inference_mode()
     def propose(self, seqs) -> Proposal:
-        b = len(seqs)
         sampling = BatchSampling.from_params([s.params for s in seqs], self.device)
         pending = self._take_pending(seqs)
         if self.parallel:
@@ -188,24 +186,12 @@ class Eagle3Proposer(ModelProposer):
         else:
             draft_tokens, draft_probs = self._sequential(seqs, pending, sampling)
             passes = self.k
-        return Proposal(
-            draft_tokens=draft_tokens,
-            num_drafts=torch.full((b,), self.k, dtype=torch.int32, device=self.device),
-            num_drafts_host=[self.k] * b,
-            draft_probs=draft_probs,
-            drafter_passes=passes,
-        )
+        return Proposal.full(draft_tokens, draft_probs, passes)
 
     def _choose(self, logits: torch.Tensor, sampling: BatchSampling, seqs):
         """Draft logits [B, n, Vd] -> target-vocabulary drafts [B, n] and q [B, n, V] (None if all greedy)."""
-        if sampling.all_greedy:
-            return self.model.draft_to_target(logits.argmax(dim=-1)), None
-        b, n, vd = logits.shape
-        q = probs_from_logits(logits, sampling)  # greedy rows one-hot at the argmax
-        # Exponential race on the draft vocabulary: argmax q / Exp(1) is a sample from q.
-        _, noise = draw_verification_noise(b, 0, n * vd, [s.generator for s in seqs], self.device)
-        draft_ids = (q / noise.view(b, n, vd)).argmax(dim=-1)
-        return self.model.draft_to_target(draft_ids), self.model.scatter_to_target(q)
+        draft_ids, q = sample_drafts(logits, sampling, seqs)  # over the draft vocabulary
+        return self.model.draft_to_target(draft_ids), None if q is None else self.model.scatter_to_target(q)
 
     def _sequential(self, seqs, pending, sampling):
         starts, token_lists, feats = pending

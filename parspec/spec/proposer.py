@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from parspec.kv_cache import allocate_kv_cache, bind_kv_cache, kv_bytes_per_block
+from parspec.sampling import BatchSampling, probs_from_logits
+from parspec.spec.verify import draw_verification_noise
 
 if TYPE_CHECKING:
     from parspec.engine.model_runner import StepOutput
@@ -25,6 +27,25 @@ class Proposal:
     num_drafts_host: list[int]  # the same counts on the host, for statistics
     draft_probs: torch.Tensor | None = None  # [B, K, V] float32; None = deterministic drafts
     drafter_passes: int = 0  # drafter forward passes this step (1 for parallel drafting)
+
+    @classmethod
+    def full(cls, draft_tokens: torch.Tensor, draft_probs: torch.Tensor | None, drafter_passes: int) -> Proposal:
+        """Every row drafted all K tokens."""
+        b, k = draft_tokens.shape
+        return cls(draft_tokens, torch.full((b,), k, dtype=torch.int32, device=draft_tokens.device), [k] * b,
+                   draft_probs, drafter_passes)
+
+
+def sample_drafts(logits: torch.Tensor, sampling: BatchSampling, seqs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Draft logits ``[B, ..., V]`` -> draft ids ``[B, ...]`` and q (None when every row is greedy).
+
+    Sampled rows draw from q with the exponential race (argmax q / Exp(1)) on each request's
+    generator; greedy rows are one-hot in q, so the race returns their argmax."""
+    if sampling.all_greedy:
+        return logits.argmax(dim=-1), None
+    q = probs_from_logits(logits, sampling)
+    _, noise = draw_verification_noise(q.shape[0], 0, q[0].numel(), [s.generator for s in seqs], q.device)
+    return (q / noise.view(q.shape)).argmax(dim=-1), q
 
 
 class Proposer:
@@ -47,8 +68,8 @@ class Proposer:
         raise NotImplementedError
 
     def observe(self, seqs: list[Sequence], step: StepOutput, prefill: bool) -> None:
-        """Called after every target step, before the sequences advance, with what the
-        target was fed (and its features) and what verification emitted."""
+        """Called after every target step, before the sequences advance, with what
+        verification emitted (and the target's features of the fed tokens, if asked for)."""
 
     def release(self, seq: Sequence) -> None:
         """The sequence finished or was preempted; drop its state."""
