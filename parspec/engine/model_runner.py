@@ -24,9 +24,7 @@ class StepOutput:
     num_accepted: torch.Tensor  # [B] int32
     tokens: list[list[int]]  # per sequence: the tokens to append (accepted drafts + one)
     num_drafts: list[int]
-    input_ids: torch.Tensor  # [T] the tokens fed to the target
-    query_start_loc: torch.Tensor  # [B+1] offsets of each sequence's tokens in input_ids
-    aux_hidden: torch.Tensor | None  # [T, len(aux_layers) * H] target features, if asked for
+    aux_hidden: torch.Tensor | None  # [T, len(aux_layers) * H] features of every fed token, if asked for
 
 
 class ModelRunner:
@@ -64,8 +62,7 @@ class ModelRunner:
         out, acc, num_drafts = self.verify(seqs, logits, None if prefill else proposal)
         out_host, acc_host = out.tolist(), acc.tolist()
         tokens = [row[:a + 1] for row, a in zip(out_host, acc_host)]
-        return StepOutput(out, acc, tokens, num_drafts, input_ids, meta.query_start_loc,
-                          torch.cat(aux, dim=-1) if aux else None)
+        return StepOutput(out, acc, tokens, num_drafts, torch.cat(aux, dim=-1) if aux else None)
 
     def verify(self, seqs: list[Sequence], logits: torch.Tensor, proposal: Proposal | None):
         b, k = logits.shape[0], logits.shape[1] - 1
