@@ -414,3 +414,24 @@ def test_train_drafter_cli_end_to_end(tiny, tmp_path, capsys):
         got = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
         want = ref.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
         assert got == want
+
+
+def test_head_shape_options_and_warm_start(tiny, tmp_path):
+    """The head's layers may be narrower than the target's; a run can warm-start from a saved
+    head of the same shape (identical weights before its first step), and refuses another shape."""
+    shape = dict(num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8, intermediate_size=16)
+    first = make_trainer(tiny, "p-eagle", tmp_path / "a", steps=3, **shape)
+    attn = first.drafter.layers[1].self_attn
+    assert (first.cfg.num_attention_heads, first.cfg.num_key_value_heads, first.cfg.head_dim) == (2, 1, 8)
+    assert attn.o_proj.weight.shape == (first.cfg.hidden_size, 16)
+    for _ in range(3):
+        first.train_step()
+    saved = first.save_head(str(tmp_path / "head"))
+    warm = make_trainer(tiny, "p-eagle", tmp_path / "b", init_from=saved, seed=5, **shape)
+    for name, p in first.drafter.named_parameters():
+        if not name.startswith("embed_tokens."):
+            assert torch.equal(p, dict(warm.drafter.named_parameters())[name]), name
+    with pytest.raises(ConfigError, match="num_hidden_layers"):
+        make_trainer(tiny, "p-eagle", tmp_path / "c", init_from=saved, **{**shape, "num_layers": 1})
+    with pytest.raises(ConfigError, match="multiple of num_kv_heads"):
+        TrainConfig(num_heads=3, num_kv_heads=2)

@@ -22,6 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-vocab-size", type=int, default=2048)
     p.add_argument("--intermediate-size", type=int, default=None, help="default 1.5 x the target's hidden size")
     p.add_argument("--num-layers", type=int, default=1)
+    p.add_argument("--num-heads", type=int, default=None, help="attention heads of the head's layers "
+                   "(default: the target's)")
+    p.add_argument("--num-kv-heads", type=int, default=None, help="KV heads (default: the target's)")
+    p.add_argument("--head-dim", type=int, default=None, help="default: the target's")
+    p.add_argument("--init-from", default=None, help="warm start from a saved head of the same shape")
     p.add_argument("--aux-layers", default=None, help="target layers whose inputs feed the head, e.g. 1,2,4")
     p.add_argument("--mask-token-id", type=int, default=None,
                    help="P-EAGLE's mask token (default: a spare special token such as <|pad|>)")
@@ -88,7 +93,8 @@ def run(args) -> int:
     tc = TrainConfig(
         method=args.method, num_speculative_tokens=args.num_speculative_tokens,
         draft_vocab_size=args.draft_vocab_size, intermediate_size=args.intermediate_size,
-        num_layers=args.num_layers, aux_layers=aux, mask_token_id=args.mask_token_id, steps=args.steps,
+        num_layers=args.num_layers, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
+        head_dim=args.head_dim, init_from=args.init_from, aux_layers=aux, mask_token_id=args.mask_token_id, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, depth_decay=args.depth_decay, deep_keep=args.deep_keep,
         deep_min_keep=args.deep_min_keep, segment_len=args.segment_len, heldout=args.heldout,

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from parspec.config import ConfigError, ModelConfig, parse_dtype
-from parspec.models.eagle3 import Eagle3Config, Eagle3Drafter, default_aux_layers, save_eagle3
+from parspec.models.eagle3 import Eagle3Config, Eagle3Drafter, default_aux_layers, load_eagle3, save_eagle3
 from parspec.train.data import Batch, DrafterData, DraftVocab, build_draft_vocab, capture, pick_mask_token
 from parspec.train.layout import depth_keep_fractions, make_plan, segment_bounds
 from parspec.train.objective import DepthStats, segment_loss
@@ -47,6 +47,10 @@ class TrainConfig:
     draft_vocab_size: int = 2048
     intermediate_size: int | None = None  # None: 1.5 x the target's hidden size
     num_layers: int = 1
+    num_heads: int | None = None  # attention shape of the head's layers; None: the target's
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    init_from: str | None = None  # warm start: a saved head of the same shape (weights only)
     aux_layers: tuple[int, ...] | None = None  # None: EAGLE-3's default, spread if it repeats
     mask_token_id: int | None = None  # None: a spare special token of the tokenizer
     steps: int = 3000
@@ -79,14 +83,17 @@ class TrainConfig:
         k = self.num_speculative_tokens
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ConfigError(f"num_speculative_tokens must be an integer >= 1, got {k!r}")
-        for name in ("draft_vocab_size", "num_layers", "steps", "batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
+        for name in ("draft_vocab_size", "num_layers", "steps", "batch_size", "eval_batch_size", "num_heads",
+                     "num_kv_heads", "head_dim"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not (0 < self.deep_keep <= 1 and 0 < self.deep_min_keep <= 1):
             raise ConfigError(f"deep_keep and deep_min_keep must be in (0, 1], got {self.deep_keep}, "
                               f"{self.deep_min_keep}")
+        if self.num_heads is not None and self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.segment_len < 0:
             raise ConfigError(f"segment_len must be >= 0 (0: whole sequences), got {self.segment_len}")
         parse_dtype(self.save_dtype)
@@ -122,8 +129,9 @@ def drafter_config(target: ModelConfig, tc: TrainConfig, mask_token_id: int | No
     parallel = tc.method == "p-eagle"
     return Eagle3Config(
         hidden_size=target.hidden_size, intermediate_size=tc.intermediate_size or target.hidden_size * 3 // 2,
-        num_attention_heads=target.num_attention_heads, num_key_value_heads=target.num_key_value_heads,
-        head_dim=target.head_dim, vocab_size=target.vocab_size, draft_vocab_size=tc.draft_vocab_size,
+        num_attention_heads=tc.num_heads or target.num_attention_heads,
+        num_key_value_heads=tc.num_kv_heads or min(target.num_key_value_heads, tc.num_heads or target.num_attention_heads),
+        head_dim=tc.head_dim or target.head_dim, vocab_size=target.vocab_size, draft_vocab_size=tc.draft_vocab_size,
         target_hidden_size=target.hidden_size, num_hidden_layers=tc.num_layers, rms_norm_eps=target.rms_norm_eps,
         rope_theta=target.rope_theta, rope_scaling=target.rope_scaling,
         max_position_embeddings=target.max_position_embeddings, aux_layer_ids=aux,
@@ -181,6 +189,8 @@ class Trainer:
             self.drafter.d2t.copy_(self.vocab.d2t)
             self.drafter.t2d.copy_(self.vocab.t2d)
             self._init_from_target(target, target_cfg)
+            if tc.init_from:
+                self._init_from_head(tc.init_from)
         self.params = [p for n, p in self.drafter.named_parameters() if not n.startswith("embed_tokens.")]
         self.optimizer = torch.optim.AdamW(self.params, lr=tc.lr, betas=(0.9, 0.95), eps=1e-8,
                                            weight_decay=tc.weight_decay)
@@ -196,6 +206,18 @@ class Trainer:
             ids = self.vocab.ids.to(self.device)
             self.drafter.lm_head.weight.copy_(target.lm_head.weight[ids].float())
             self.drafter.norm.weight.copy_(target.model.norm.weight.float())
+
+    def _init_from_head(self, path: str) -> None:
+        """Warm start from a saved head of the same shape and draft vocabulary."""
+        head = load_eagle3(path, torch.float32, self.device, target_embedding=self.drafter.embed_tokens)
+        mine, theirs = self.cfg.to_dict(), head.config.to_dict()
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if diff:
+            raise ConfigError(f"cannot warm-start from {path}: its head differs in {', '.join(diff)}")
+        if not torch.equal(head.d2t.cpu(), self.drafter.d2t.cpu()):
+            raise ConfigError(f"cannot warm-start from {path}: its draft vocabulary differs from this data's")
+        state = {n: t for n, t in head.state_dict().items() if not n.startswith("embed_tokens.")}
+        self.drafter.load_state_dict(state, strict=False)
 
     # --- data ---------------------------------------------------------------------------
     def _batch_indices(self, step: int) -> list[int]:
