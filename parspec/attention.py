@@ -4,7 +4,9 @@ Layout: each layer owns a key cache and a value cache of shape
 ``[num_blocks, block_size, num_kv_heads, head_dim]``; a token's slot is
 ``block_id * block_size + offset``. One call handles prefill, decode and
 verification alike: sequence ``b`` brings ``q_len_b`` new query tokens that sit at
-the END of its ``seq_lens[b]`` cached tokens, and each attends causally.
+the END of its ``seq_lens[b]`` cached tokens, and each attends causally. With
+``query_positions`` set, each query instead sees the keys at positions up to its own
+(a drafter's padded layout, where some queries are discarded and others skip ahead).
 
 ``paged_attention_ref`` is the torch reference (CPU and GPU); the Triton kernels
 below it compute the same; ``paged_attention`` / ``write_kv`` dispatch to Triton on
@@ -31,6 +33,9 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] int32: block ids of each sequence (padding ignored)
     max_query_len: int
     max_seq_len: int
+    # [T] int64, optional: query t sees keys at positions <= query_positions[t] (all below
+    # seq_lens of its sequence). None: the queries are the last q_len positions, in order.
+    query_positions: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -63,14 +68,17 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     for q_len, seqs in groups.items():
         rows = torch.tensor([starts[b] for b in seqs], device=q.device)[:, None] + torch.arange(q_len, device=q.device)
         seq_lens = torch.tensor([lens[b] for b in seqs], device=q.device)
+        q_pos = None if meta.query_positions is None else meta.query_positions[rows]
         o = _attend_padded(q[rows], k_cache, v_cache, meta.block_tables[seqs], seq_lens, max(lens[b] for b in seqs),
-                           scale)
+                           scale, q_pos)
         out[rows.flatten()] = o.flatten(0, 1).to(q.dtype)
     return out
 
 
-def _attend_padded(q, k_cache, v_cache, block_tables, seq_lens, max_len: int, scale: float) -> torch.Tensor:
-    """q ``[G, Q, Hq, D]``: the last Q tokens of G sequences of lengths ``seq_lens``."""
+def _attend_padded(q, k_cache, v_cache, block_tables, seq_lens, max_len: int, scale: float,
+                   q_pos: torch.Tensor | None = None) -> torch.Tensor:
+    """q ``[G, Q, Hq, D]``: the last Q tokens of G sequences of lengths ``seq_lens``, or
+    the tokens at positions ``q_pos`` ``[G, Q]`` when given."""
     num_blocks, block_size, num_kv_heads = k_cache.shape[:3]
     group = q.shape[2] // num_kv_heads
     q_len = q.shape[1]
@@ -84,8 +92,9 @@ def _attend_padded(q, k_cache, v_cache, block_tables, seq_lens, max_len: int, sc
     k = k.repeat_interleave(group, dim=2)  # [G, S, Hq, D]
     v = v.repeat_interleave(group, dim=2)
     scores = torch.einsum("gqhd,gshd->ghqs", q.float(), k) * scale
-    q_pos = seq_lens[:, None] - q_len + torch.arange(q_len, device=q.device)  # [G, Q]
-    visible = k_pos[None, None, :] <= q_pos[:, :, None]  # causal; implies inside the sequence
+    if q_pos is None:
+        q_pos = seq_lens[:, None] - q_len + torch.arange(q_len, device=q.device)  # [G, Q]
+    visible = (k_pos[None, None, :] <= q_pos[:, :, None]) & present[:, None, :, 0, 0]  # causal, inside
     scores.masked_fill_(~visible[:, None], float("-inf"))
     return torch.einsum("ghqs,gshd->gqhd", scores.softmax(dim=-1), v)
 
@@ -280,7 +289,7 @@ def _attn_step(acc, l_i, m_i, q, k_base, v_base, bt_row, start, kv_hi, q_pos, qk
 @triton.jit
 def _paged_attn_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_part_ptr, o_part_ptr,
-        query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
+        query_start_loc_ptr, seq_lens_ptr, block_tables_ptr, q_pos_ptr,
         qk_scale, num_tokens,
         stride_qt, stride_qh, stride_qd,
         stride_ot, stride_oh, stride_od,
@@ -290,7 +299,7 @@ def _paged_attn_kernel(
         NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
         TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, DOT_IEEE: tl.constexpr):
+        NUM_SPLITS: tl.constexpr, DOT_IEEE: tl.constexpr, HAS_QPOS: tl.constexpr):
     # Heaviest (last, most keys) query tiles first.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -311,8 +320,11 @@ def _paged_attn_kernel(
     head = kvh * GROUP + offs_r % GROUP
     q_idx = m_start + tok
     row_valid = (tok < TOKENS) & (q_idx < q_len)
-    q_pos = ctx + q_idx
     q_rows = (q_start + q_idx).to(tl.int64)
+    if HAS_QPOS:
+        q_pos = tl.load(q_pos_ptr + q_rows, mask=row_valid, other=0).to(tl.int32)
+    else:
+        q_pos = ctx + q_idx
     offs_d = tl.arange(0, BLOCK_D)
     EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
     d_ok = offs_d < HEAD_DIM
@@ -321,9 +333,13 @@ def _paged_attn_kernel(
     q = tl.load(q_ptrs, mask=row_valid[:, None] & d_ok[None, :], other=0.0)
 
     # Keys this tile can see: [0, kv_visible). Keys < full_end are seen by every row.
-    last_q = tl.minimum(m_start + TOKENS, q_len) - 1
-    kv_visible = ctx + last_q + 1
-    full_end = ((ctx + m_start + 1) // BLOCK_N) * BLOCK_N
+    if HAS_QPOS:
+        kv_visible = tl.max(tl.where(row_valid, q_pos, -1), 0) + 1
+        full_end = ((tl.min(tl.where(row_valid, q_pos, 2147483647), 0) + 1) // BLOCK_N) * BLOCK_N
+    else:
+        last_q = tl.minimum(m_start + TOKENS, q_len) - 1
+        kv_visible = ctx + last_q + 1
+        full_end = ((ctx + m_start + 1) // BLOCK_N) * BLOCK_N
     n_tiles = tl.cdiv(kv_visible, BLOCK_N)
     tiles_per_split = tl.cdiv(n_tiles, NUM_SPLITS)
     kv_lo = pid_s * tiles_per_split * BLOCK_N
@@ -456,13 +472,14 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             _paged_attn_kernel[grid](
                 q, k_cache, v_cache, out, lse_part, o_part,
                 meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                meta.query_positions if meta.query_positions is not None else meta.seq_lens,
                 float(scale) * _LOG2E, num_tokens,
                 *q.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(),
                 meta.block_tables.stride(0),
                 NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, TOKENS=tokens,
                 HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
                 BLOCK_M=block_m, BLOCK_N=bn, NUM_SPLITS=num_splits, DOT_IEEE=dot_ieee,
-                num_warps=num_warps, num_stages=stages)
+                HAS_QPOS=meta.query_positions is not None, num_warps=num_warps, num_stages=stages)
             _ATTN_FALLBACK[key] = (bn, stages)
             err = None
             break

@@ -235,3 +235,52 @@ def test_reference_matches_dense_sdpa(group, q_lens, seq_lens):
     expect = torch.cat([_dense_sdpa(qs[b], dense_k[b], dense_v[b], q_lens[b], seq_lens[b], group, scale)
                         for b in range(len(seq_lens))])
     assert (out - expect).abs().max().item() < 1e-5
+
+
+# -- per-query positions (a drafter's padded layout) -----------------------------------------
+
+def _with_query_positions(meta: AttentionMetadata, seed: int) -> AttentionMetadata:
+    """Each query gets its own position below its sequence's length, in no particular order
+    (some repeat, some jump back), as in a drafter step with discarded and skipped entries."""
+    g = torch.Generator().manual_seed(seed)
+    starts, lens = meta.query_start_loc.tolist(), meta.seq_lens.tolist()
+    pos = torch.cat([torch.randint(0, lens[b], (starts[b + 1] - starts[b],), generator=g)
+                     for b in range(len(lens))])
+    meta.query_positions = pos.to(meta.seq_lens.device)
+    return meta
+
+
+def _brute_force(q, k_cache, v_cache, meta, scale):
+    """Query by query: softmax over the keys at positions 0..query_positions[t]."""
+    group = q.shape[1] // k_cache.shape[2]
+    bs = k_cache.shape[1]
+    out = torch.zeros_like(q, dtype=torch.float32)
+    starts = meta.query_start_loc.tolist()
+    for b in range(meta.num_seqs):
+        for t in range(starts[b], starts[b + 1]):
+            n = int(meta.query_positions[t]) + 1
+            slots = [int(meta.block_tables[b, p // bs]) * bs + p % bs for p in range(n)]
+            k = k_cache.flatten(0, 1)[slots].float().repeat_interleave(group, dim=1)  # [n, Hq, D]
+            v = v_cache.flatten(0, 1)[slots].float().repeat_interleave(group, dim=1)
+            w = (torch.einsum("hd,nhd->hn", q[t].float(), k) * scale).softmax(-1)
+            out[t] = torch.einsum("hn,nhd->hd", w, v)
+    return out
+
+
+def test_reference_query_positions_match_brute_force():
+    q, k_cache, v_cache, meta = make_case([7, 1, 14, 3], [9, 30, 21, 3], 2, 2, 16, 4, seed=11)
+    meta = _with_query_positions(meta, 11)
+    out = paged_attention_ref(q, k_cache, v_cache, meta, 0.25)
+    _check(out, _brute_force(q, k_cache, v_cache, meta, 0.25), 1e-5)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_triton_query_positions_match_reference(block_size, num_splits):
+    q, k_cache, v_cache, meta = make_case([7, 1, 14, 3, 0], [9, 70, 21, 3, 5], 2, 4, 16, block_size,
+                                          seed=block_size + num_splits, device=DEV)
+    meta = _with_query_positions(meta, block_size)
+    ref = paged_attention_ref(q, k_cache, v_cache, meta, 0.25)
+    out = paged_attention_triton(q, k_cache, v_cache, meta, 0.25, num_splits=num_splits, block_m=16, block_n=16)
+    _check(out, ref, 1e-5)

@@ -293,19 +293,36 @@ def test_agreeing_head_under_preemption(bigram):
 # --- P-EAGLE's single pass vs a dense reference ----------------------------------------------
 
 def _record_history(prop) -> dict[int, dict[int, tuple[int, torch.Tensor]]]:
-    """Every entry the proposer is given: sequence -> position -> (token, target feature)."""
+    """Every entry the drafter should have after each target step, worked out from the step's
+    result independently of the proposer: sequence -> position -> (token, target feature)."""
     history: dict[int, dict[int, tuple[int, torch.Tensor]]] = {}
-    observe = prop.observe
+    after_verify = prop.after_verify
 
-    def observe_spy(seqs, step, prefill):
-        observe(seqs, step, prefill)
-        for s in seqs:
-            st = s.draft_state
-            for i, tok in enumerate(st["tokens"]):
-                history.setdefault(s.seq_id, {})[st["start"] + i] = (tok, st["features"][i].clone())
+    def spy(seqs, step, prefill):
+        out, acc = step.output_tokens.tolist(), step.num_accepted.tolist()
+        offset = 0
+        for b, s in enumerate(seqs):
+            if prefill:  # positions num_cached .. n-1, tokens t[c+1 ..] and the emitted one
+                start, fed = s.num_cached, len(s) - s.num_cached
+                tokens = s.token_ids[start + 1:] + [out[b][0]]
+            else:  # positions n-1 .. n-1+a, the emitted tokens
+                start, fed = len(s) - 1, len(out[b])
+                tokens = out[b][:acc[b] + 1]
+            for i, tok in enumerate(tokens):
+                history.setdefault(s.seq_id, {})[start + i] = (tok, step.aux_hidden[offset + i].clone())
+            offset += fed
+        after_verify(seqs, step, prefill)
 
-    prop.observe = observe_spy
+    prop.after_verify = spy
     return history
+
+
+def _last_real(p, b: int, history: dict) -> int:
+    """Position of the entry drafting starts from in a drafter pass: must be sequence b's
+    newest accepted entry."""
+    pos = int(p.positions[p.sample_rows[b, 0]])
+    assert pos == max(history), (pos, max(history))
+    return pos
 
 
 def _dense(head, tokens: list[int], hidden: torch.Tensor):
@@ -327,7 +344,7 @@ def test_sequential_passes_match_dense_reference(setup):
     sequential, choose = prop._sequential, prop._choose
     checked = []
 
-    def sequential_spy(seqs, pending, sampling):
+    def sequential_spy(seqs, p, sampling):
         logits = []
 
         def choose_spy(lg, sampling, seqs):
@@ -335,11 +352,10 @@ def test_sequential_passes_match_dense_reference(setup):
             return choose(lg, sampling, seqs)
 
         prop._choose = choose_spy
-        drafts, probs = sequential(seqs, pending, sampling)
+        drafts, probs = sequential(seqs, p, sampling)
         prop._choose = choose
-        starts, token_lists, _ = pending
-        for b, (s, start, toks) in enumerate(zip(seqs, starts, token_lists)):
-            entries = [history[s.seq_id][p] for p in range(start + len(toks))]
+        for b, s in enumerate(seqs):
+            entries = [history[s.seq_id][pos] for pos in range(_last_real(p, b, history[s.seq_id]) + 1)]
             tokens = [t for t, _ in entries]
             hidden = head.project(torch.stack([f for _, f in entries]))
             for j in range(k):
@@ -373,11 +389,10 @@ def test_parallel_pass_matches_dense_reference(setup):
         feats = torch.stack([f for _, f in entries] + [head.mask_hidden[0]] * num_masks)
         return _dense(head, tokens, head.project(feats))[0]
 
-    def logits_spy(seqs, pending):
-        starts, token_lists, _ = pending
-        out = parallel_logits(seqs, pending)
-        for b, (s, start, toks) in enumerate(zip(seqs, starts, token_lists)):
-            last_real = start + len(toks) - 1
+    def logits_spy(seqs, p):
+        out = parallel_logits(seqs, p)
+        for b, s in enumerate(seqs):
+            last_real = _last_real(p, b, history[s.seq_id])
             for j in range(k):  # draft j+1 sees the real entries and j mask slots
                 torch.testing.assert_close(out[b, j], reference(s.seq_id, last_real, j), atol=1e-5, rtol=0)
         checked.append(len(seqs))

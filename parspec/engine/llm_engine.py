@@ -44,8 +44,9 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.device, self.dtype, aux)
         if self.proposer:
             self.proposer.allocate(num_blocks, cfg.block_size)
-        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens, k,
-                                   on_preempt=self._release_draft_state)
+        extra = self.proposer.extra_slots if self.proposer else 0
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens, k + extra,
+                                   prefill_lookahead=extra, on_preempt=self._release_draft_state)
         self.eos_token_ids = set(self.tokenizer.eos_token_ids if self.tokenizer else model_cfg.eos_token_id)
         self.reset_stats()
 
@@ -74,7 +75,8 @@ class LLMEngine:
                                        mc.head_dim, self.dtype)
         if self.proposer:
             per_block += self.proposer.kv_bytes_per_block(cfg.block_size)
-        per_seq = (self.max_model_len + k + cfg.block_size - 1) // cfg.block_size
+        extra = self.proposer.extra_slots if self.proposer else 0
+        per_seq = (self.max_model_len + k + extra + cfg.block_size - 1) // cfg.block_size
         wanted = per_seq * cfg.max_num_seqs
         if cfg.num_kv_blocks is not None:
             num = cfg.num_kv_blocks
@@ -137,11 +139,16 @@ class LLMEngine:
         if proposal is not None:
             self.drafter_passes += proposal.drafter_passes
             self.draft_steps += 1
-        out = self.runner.step(seqs, prefill, proposal)
+        out = self.runner.step(seqs, prefill, proposal)  # one target forward + verification, on device
+        t2 = time.perf_counter()
+        if self.proposer:
+            self.proposer.after_verify(seqs, out, prefill)  # EAGLE-3 drafts the next step here
+        t3 = time.perf_counter()
+        out.fetch()  # the step's one host synchronisation
         if self.proposer:
             self.proposer.observe(seqs, out, prefill)
-        self.step_times["draft"] += t1 - t0
-        self.step_times["verify"] += time.perf_counter() - t1
+        self.step_times["draft"] += (t1 - t0) + (t3 - t2)
+        self.step_times["verify"] += (t2 - t1) + (time.perf_counter() - t3)
         return self._advance(seqs, out, prefill)
 
     def _advance(self, seqs: list[Sequence], out: StepOutput, prefill: bool) -> list[Sequence]:

@@ -3,10 +3,11 @@ does ONE forward over every sequence's new tokens, and verifies the drafts on de
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from parspec.attention import AttentionMetadata
 from parspec.engine.metadata import build_attention_metadata
 from parspec.engine.sequence import Sequence
 from parspec.kv_cache import allocate_kv_cache, bind_kv_cache
@@ -17,14 +18,34 @@ from parspec.spec.verify import draw_verification_noise, verify_greedy, verify_r
 
 @dataclass
 class StepOutput:
-    """One target forward + verification. Device tensors stay on device; the host lists
-    are the step's single synchronisation."""
+    """One target forward + verification. Device tensors stay on device; ``fetch()`` is the
+    step's single synchronisation (it fills ``tokens``)."""
 
     output_tokens: torch.Tensor  # [B, K+1] int64, PLACEHOLDER-padded
     num_accepted: torch.Tensor  # [B] int32
-    tokens: list[list[int]]  # per sequence: the tokens to append (accepted drafts + one)
     num_drafts: list[int]
     aux_hidden: torch.Tensor | None  # [T, len(aux_layers) * H] features of every fed token, if asked for
+    positions: torch.Tensor  # [T] positions of the fed tokens
+    meta: AttentionMetadata  # the target's attention metadata of this step
+    tokens: list[list[int]] = field(default_factory=list)  # per sequence: accepted drafts + one
+    _host: tuple | None = None  # (output_tokens, num_accepted) copies on their way to the host
+    _ready: object = None  # CUDA event recorded after those copies
+
+    def start_fetch(self) -> None:
+        """Start copying the result to the host; later device work does not delay fetch()."""
+        self._host = (self.output_tokens.to("cpu", non_blocking=True), self.num_accepted.to("cpu", non_blocking=True))
+        if self.output_tokens.is_cuda:
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def fetch(self) -> list[list[int]]:
+        if self._host is None:
+            self.start_fetch()
+        if self._ready is not None:
+            self._ready.synchronize()
+        out, acc = (t.tolist() for t in self._host)
+        self.tokens = [row[:a + 1] for row, a in zip(out, acc)]
+        return self.tokens
 
 
 class ModelRunner:
@@ -60,9 +81,9 @@ class ModelRunner:
         else:
             logits = self.model.compute_logits(hidden).view(len(seqs), q_lens[0], -1)
         out, acc, num_drafts = self.verify(seqs, logits, None if prefill else proposal)
-        out_host, acc_host = out.tolist(), acc.tolist()
-        tokens = [row[:a + 1] for row, a in zip(out_host, acc_host)]
-        return StepOutput(out, acc, tokens, num_drafts, torch.cat(aux, dim=-1) if aux else None)
+        step = StepOutput(out, acc, num_drafts, torch.cat(aux, dim=-1) if aux else None, positions, meta)
+        step.start_fetch()
+        return step
 
     def verify(self, seqs: list[Sequence], logits: torch.Tensor, proposal: Proposal | None):
         b, k = logits.shape[0], logits.shape[1] - 1

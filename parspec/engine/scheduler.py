@@ -12,11 +12,12 @@ from parspec.kv_cache import BlockManager
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 lookahead: int, on_preempt=lambda seq: None):
+                 lookahead: int, prefill_lookahead: int = 0, on_preempt=lambda seq: None):
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.lookahead = lookahead  # slots a decode step writes past the last token (K drafts)
+        self.lookahead = lookahead  # slots a decode step writes past the last token (K drafts, + the drafter's)
+        self.prefill_lookahead = prefill_lookahead  # slots a prefill step writes past the prompt (the drafter's)
         self.on_preempt = on_preempt
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
@@ -43,7 +44,7 @@ class Scheduler:
                                        f"{self.blocks.block_size}) cannot hold one sequence of "
                                        f"{len(seq) + self.lookahead} tokens; give it more memory")
                 break
-            self.blocks.grow(seq.seq_id, seq.block_table, len(seq))
+            self.blocks.grow(seq.seq_id, seq.block_table, len(seq) + self.prefill_lookahead)
             self.waiting.popleft()
             seq.status = Status.RUNNING
             batch.append(seq)
@@ -55,7 +56,8 @@ class Scheduler:
         scheduled = []
         while self.running:
             seq = self.running.popleft()
-            # The step feeds the last token and K drafts: positions len-1 .. len-1+K.
+            # The step feeds the last token and K drafts: positions len-1 .. len-1+K (and the
+            # drafter may write up to lookahead - K further).
             while not self.blocks.can_grow(seq.block_table, len(seq) + self.lookahead):
                 victim = self.running.pop() if self.running else seq
                 self.preempt(victim)

@@ -6,44 +6,48 @@ token at ``p + 1`` and sits at position ``p`` of the drafter's own paged KV cach
 is indexed by the sequences' shared block tables; its output predicts the token at
 ``p + 2``.
 
-Per sequence, ``seq.draft_state`` holds the *pending* entries: those whose target
-features arrived with the last target step but are not yet in the drafter's cache
-(``start``: position of the first, ``tokens``: the tokens at ``start + 1 ...``,
-``features``: ``[n, n_aux * H]`` device rows). ``observe`` fills it after every target
-step; ``propose`` writes them to the cache and drafts from the last one.
+The drafter runs right after each target step, before the host reads the step's result
+(``after_verify``), and the drafts wait on the device for the next step (``propose``
+only gathers them). Its new entries are the fed positions whose features are valid:
 
-* After a prefill of positions ``c .. n-1`` the pending entries are ``c .. n-1`` with
-  tokens ``t[c+1] .. t[n-1]`` and the token the target just emitted.
-* After a decode step that fed ``[t[n-1], d1 .. dK]`` at positions ``n-1 .. n-1+K`` and
-  emitted ``a + 1`` tokens (a accepted drafts + one), the features of positions
-  ``n-1 .. n-1+a`` are valid (they saw only verified tokens); entry ``n-1+i`` carries
-  emitted token ``i``. Positions the drafter wrote speculatively in the previous step
-  (its own later passes, or P-EAGLE's mask slots) start at ``n-1`` too, so the pending
-  entries overwrite them before anything reads them.
+* after a prefill of positions ``c .. n-1``: entries ``c .. n-1`` with tokens
+  ``t[c+1] .. t[n-1]`` and the token the target just emitted (positions known on the
+  host; the emitted token is scattered in on the device);
+* after a decode step that fed ``[t[n-1], d1 .. dK]`` at positions ``n-1 .. n-1+K`` and
+  accepted ``a`` drafts: entries ``n-1 .. n-1+a``, entry ``n-1+i`` carrying emitted token
+  ``i``. ``a`` is only known on the device, so the pass has a fixed padded layout built
+  there (``parspec.spec.draft_inputs``): all K+1 fed positions, the rejected ones not
+  written and their outputs discarded, queries attending by position.
 
-Sequential drafting: pass 1 runs every sequence's pending entries with
-``hidden = fc(features)``; the last one's output gives draft 1. Passes 2..K run one
-entry per sequence at the next position: the previous draft as token, the previous
-pass's pre-norm output as hidden.
+Positions the drafter wrote speculatively (its later passes, P-EAGLE's mask slots) lie
+past the last entry, so the next step's entries overwrite them before anything reads them.
 
-Parallel drafting (P-EAGLE): one pass over the pending entries followed by K-1 mask
-slots at the next K-1 positions (token ``mask_token_id``, hidden ``fc(mask_hidden)``),
-causal attention over the cache; the last real entry gives draft 1, mask slot j draft
-j+2. The mask slots' K/V land in slots the scheduler reserved (``len(seq) + K``) and are
-overwritten by real entries in later steps.
+Sequential drafting: pass 1 runs the new entries with ``hidden = fc(features)``; the last
+accepted one's output gives draft 1. Passes 2..K run one entry per sequence at the next
+position: the previous draft as token, the previous pass's pre-norm output as hidden.
 
-With ``parallel_drafting`` off, a P-EAGLE head drafts sequentially (its mask_hidden is
-unused); with it on, the head must have been trained for it.
+Parallel drafting (P-EAGLE): one pass over the new entries followed by K-1 mask slots at
+the K-1 positions after the last accepted entry (token ``mask_token_id``, hidden
+``fc(mask_hidden)``); the last accepted entry gives draft 1, mask slot j draft j+2.
+
+Either way the drafter writes up to K-1 positions past what the target's step holds, so
+the scheduler reserves ``extra_slots`` = K-1 more. With ``parallel_drafting`` off a
+P-EAGLE head drafts sequentially (its mask_hidden unused); with it on, the head must have
+been trained for it.
 """
 
 from __future__ import annotations
 
 import torch
 
+from dataclasses import dataclass
+
+from parspec.attention import AttentionMetadata
 from parspec.config import ConfigError, ModelConfig, SpeculativeConfig
 from parspec.engine.metadata import build_attention_metadata
 from parspec.models.eagle3 import Eagle3Config, Eagle3Drafter, default_aux_layers, load_eagle3
 from parspec.sampling import BatchSampling
+from parspec.spec.draft_inputs import draft_inputs
 from parspec.spec.proposer import ModelProposer, Proposal, sample_drafts
 
 MIN_LAYERS_FOR_DEFAULT_AUX = 4
@@ -109,136 +113,174 @@ def check_head_model(model: Eagle3Drafter, target: ModelConfig, aux: tuple[int, 
         raise ConfigError(f"parallel_drafting is on but drafter {path} has no mask_hidden")
 
 
+@dataclass
+class DraftPass:
+    """One drafter forward over new entries (and mask slots)."""
+
+    tokens: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    hidden: torch.Tensor  # [T, H] projected features (or fc(mask_hidden))
+    meta: AttentionMetadata
+    sample_rows: torch.Tensor  # [B, 1 + num_mask]: the last accepted entry, then the mask slots
+
+
 class Eagle3Proposer(ModelProposer):
     def __init__(self, spec: SpeculativeConfig, engine):
         super().__init__(spec.num_speculative_tokens)
         self.device, self.dtype = engine.device, engine.dtype
         self.parallel = bool(spec.parallel_drafting)
+        self.extra_slots = self.k - 1
         target = engine.model_config
         path = spec.model
         cfg = Eagle3Config.from_pretrained(path)  # LoadError when the directory is missing
         self.aux_layers = resolve_aux_layers(cfg, target, path)
         check_head_config(cfg, target, path, self.parallel)
         self.model = load_eagle3(path, engine.dtype, engine.device, target_embedding=engine.model.model.embed_tokens,
-                                 max_positions=engine.max_model_len + self.k + 1)
+                                 max_positions=engine.max_model_len + 2 * self.k + 1)
         self.cfg = self.model.config
         check_head_model(self.model, target, self.aux_layers, path, self.parallel)
         self.mask_token_id = self.cfg.mask_token_id if self.parallel else None
+        self.num_mask = self.k - 1 if self.parallel else 0
         self.block_size = None
+        self._ready: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # drafts per drafting batch
+        self._query_starts: dict[int, torch.Tensor] = {}
 
-    # --- state --------------------------------------------------------------------------
-    def observe(self, seqs, step, prefill: bool) -> None:
-        feats = step.aux_hidden
-        if feats is None:
-            raise RuntimeError("EAGLE-3 drafting needs the target's aux hidden states; the runner returned none")
-        offset = 0
-        fed_per_seq = None if prefill else step.output_tokens.shape[1]
-        for seq, emitted in zip(seqs, step.tokens):
-            if prefill:
-                # Called before the engine advances: num_cached is still where this prefill began.
-                start = seq.num_cached
-                fed = len(seq) - start
-                tokens = seq.token_ids[start + 1:] + list(emitted[:1])
-            else:
-                start, fed = len(seq) - 1, fed_per_seq
-                tokens = list(emitted)  # entry n-1+i carries emitted token i
-            rows = feats[offset:offset + len(tokens)]
-            offset += fed
-            state = seq.draft_state
-            if not prefill and "start" in state:
-                # Entries not drafted from yet (no propose since the last step): keep them.
-                if state["start"] + len(state["tokens"]) != start:
-                    raise RuntimeError(f"sequence {seq.seq_id}: pending draft entries end at "
-                                       f"{state['start'] + len(state['tokens'])}, new ones start at {start}")
-                state["tokens"] = state["tokens"] + tokens
-                state["features"] = torch.cat([state["features"], rows])
-            else:
-                state.clear()
-                state.update(start=start, tokens=tokens, features=rows)
-
-    def _take_pending(self, seqs) -> tuple[list[int], list[list[int]], list[torch.Tensor]]:
-        starts, tokens, feats = [], [], []
+    # --- the next step's drafts are ready on the device -------------------------------------
+    def propose(self, seqs) -> Proposal:
+        where = []
         for seq in seqs:
             state = seq.draft_state
-            if "start" not in state:
-                raise RuntimeError(f"sequence {seq.seq_id} reached the drafter without target features "
-                                   "(observe() was not called after its prefill)")
-            starts.append(state.pop("start"))
-            tokens.append(state.pop("tokens"))
-            feats.append(state.pop("features"))
-        return starts, tokens, feats
+            if "batch" not in state:
+                raise RuntimeError(f"sequence {seq.seq_id} reached the drafter without drafts "
+                                   "(after_verify() was not called after its last target step)")
+            where.append((state.pop("batch"), state.pop("row")))
+        if len(self._ready) == 1 and where == [(0, i) for i in range(len(seqs))] \
+                and self._ready[0][0].shape[0] == len(seqs):
+            drafts, probs = self._ready[0]
+        else:  # sequences drafted in different steps (prefills, then decodes), or some finished
+            offsets = [0]
+            for d, _ in self._ready:
+                offsets.append(offsets[-1] + d.shape[0])
+            index = torch.tensor([offsets[b] + r for b, r in where], dtype=torch.int64).to(self.device,
+                                                                                          non_blocking=True)
+            drafts = torch.cat([d for d, _ in self._ready]).index_select(0, index)
+            probs = None
+            if any(p is not None for _, p in self._ready):
+                vocab = self.cfg.vocab_size
+                probs = torch.cat([p if p is not None else
+                                   torch.nn.functional.one_hot(d, vocab).float() for d, p in self._ready])
+                probs = probs.index_select(0, index)
+        self._ready.clear()
+        return Proposal.full(drafts, probs, 1 if self.parallel else self.k)
+
+    # --- drafting, right after the target step ----------------------------------------------
+    @torch.inference_mode()
+    def after_verify(self, seqs, step, prefill: bool) -> None:
+        if step.aux_hidden is None:
+            raise RuntimeError("EAGLE-3 drafting needs the target's aux hidden states; the runner returned none")
+        p = self._prefill_pass(seqs, step) if prefill else self._decode_pass(seqs, step)
+        sampling = BatchSampling.from_params([s.params for s in seqs], self.device)
+        if self.parallel:
+            drafts, probs = self._choose(self._parallel_logits(seqs, p), sampling, seqs)
+        else:
+            drafts, probs = self._sequential(seqs, p, sampling)
+        batch = len(self._ready)
+        self._ready.append((drafts, probs))
+        for i, seq in enumerate(seqs):
+            seq.draft_state.clear()
+            seq.draft_state.update(batch=batch, row=i)
+
+    def _prefill_pass(self, seqs, step) -> DraftPass:
+        """Entries num_cached .. n-1 per sequence, then the mask slots; metadata from the host."""
+        starts = [s.num_cached for s in seqs]  # before the engine advances: where this prefill began
+        real = [len(s) - c for s, c in zip(seqs, starts)]
+        self._check_room(seqs, [len(s) - 1 + self.k - 1 for s in seqs])
+        q_lens = [n + self.num_mask for n in real]
+        tokens, src, rows, emitted_at = [], [], [], []
+        total_real = sum(real)
+        real_off = out_off = 0
+        for seq, c, n in zip(seqs, starts, real):
+            emitted_at.append(out_off + n - 1)
+            tokens += seq.token_ids[c + 1:] + [0] + [self.mask_token_id] * self.num_mask
+            src += list(range(real_off, real_off + n)) + [total_real] * self.num_mask  # total_real: the mask
+            rows.append([out_off + n - 1 + j for j in range(1 + self.num_mask)])
+            real_off += n
+            out_off += n + self.num_mask
+        to_dev = lambda x: torch.tensor(x, dtype=torch.int64).to(self.device, non_blocking=True)  # noqa: E731
+        tokens = to_dev(tokens)
+        tokens[to_dev(emitted_at)] = step.output_tokens[:, 0]
+        feats = step.aux_hidden
+        if self.num_mask:
+            feats = torch.cat([feats, self.model.mask_hidden.to(feats.dtype)])
+        hidden = self.model.project(feats).index_select(0, to_dev(src))
+        positions, meta = build_attention_metadata([s.block_table for s in seqs], starts, q_lens,
+                                                   self.block_size, self.device)
+        return DraftPass(tokens, positions, hidden, meta, to_dev(rows))
+
+    def _decode_pass(self, seqs, step) -> DraftPass:
+        """The padded layout of ``draft_inputs``, built on the device from what was accepted."""
+        b, k1 = step.output_tokens.shape
+        self._check_room(seqs, [len(s) - 1 + k1 - 1 + self.k - 1 for s in seqs])
+        base = step.positions.view(b, k1)[:, 0]
+        tables = step.meta.block_tables
+        inp = draft_inputs(step.output_tokens, step.num_accepted, base, tables, self.block_size, self.num_mask,
+                           self.mask_token_id or 0)
+        hidden = self.model.project(step.aux_hidden).view(b, k1, -1)
+        if self.num_mask:
+            mask = self.model.project(self.model.mask_hidden.to(step.aux_hidden.dtype))
+            hidden = torch.cat([hidden, mask.expand(b, self.num_mask, -1)], dim=1)
+        q = k1 + self.num_mask
+        meta = AttentionMetadata(slot_mapping=inp.slot_mapping, query_start_loc=self._starts(b, q),
+                                 seq_lens=inp.seq_lens, block_tables=tables, max_query_len=q,
+                                 max_seq_len=step.meta.max_seq_len + self.k, query_positions=inp.positions)
+        return DraftPass(inp.tokens, inp.positions, hidden.reshape(b * q, -1), meta,
+                         inp.sample_rows.view(b, 1 + self.num_mask))
+
+    def _starts(self, b: int, q: int) -> torch.Tensor:
+        """query_start_loc of B sequences of q queries each (cached per shape)."""
+        key = b * 4096 + q
+        if key not in self._query_starts:
+            self._query_starts[key] = torch.arange(0, (b + 1) * q, q, dtype=torch.int32, device=self.device)
+        return self._query_starts[key]
 
     def _check_room(self, seqs, last_positions: list[int]) -> None:
+        """Host-side bound: the furthest position this step's drafting may write."""
         for seq, last in zip(seqs, last_positions):
             if last >= len(seq.block_table) * self.block_size:
-                raise RuntimeError(f"sequence {seq.seq_id}: the drafter writes position {last} but its block "
+                raise RuntimeError(f"sequence {seq.seq_id}: the drafter may write position {last} but its block "
                                    f"table holds {len(seq.block_table) * self.block_size} slots")
-
-    # --- drafting -----------------------------------------------------------------------
-    @torch.inference_mode()
-    def propose(self, seqs) -> Proposal:
-        sampling = BatchSampling.from_params([s.params for s in seqs], self.device)
-        pending = self._take_pending(seqs)
-        if self.parallel:
-            logits = self._parallel_logits(seqs, pending)
-            draft_tokens, draft_probs = self._choose(logits, sampling, seqs)
-            passes = 1
-        else:
-            draft_tokens, draft_probs = self._sequential(seqs, pending, sampling)
-            passes = self.k
-        return Proposal.full(draft_tokens, draft_probs, passes)
 
     def _choose(self, logits: torch.Tensor, sampling: BatchSampling, seqs):
         """Draft logits [B, n, Vd] -> target-vocabulary drafts [B, n] and q [B, n, V] (None if all greedy)."""
         draft_ids, q = sample_drafts(logits, sampling, seqs)  # over the draft vocabulary
         return self.model.draft_to_target(draft_ids), None if q is None else self.model.scatter_to_target(q)
 
-    def _sequential(self, seqs, pending, sampling):
-        starts, token_lists, feats = pending
+    def _sequential(self, seqs, p: DraftPass, sampling):
         b = len(seqs)
-        q_lens = [len(t) for t in token_lists]
-        self._check_room(seqs, [s + q - 1 + self.k - 1 for s, q in zip(starts, q_lens)])
-        tables = [s.block_table for s in seqs]
-        tokens = torch.tensor([t for ts in token_lists for t in ts], dtype=torch.int64).to(self.device,
-                                                                                             non_blocking=True)
-        hidden = self.model.project(torch.cat(feats))
+        normed, prenorm = self.model(p.tokens, p.positions, p.hidden, p.meta)
+        last = p.sample_rows[:, 0]
+        normed, prenorm = normed.index_select(0, last), prenorm.index_select(0, last)
+        base = p.positions.index_select(0, last)
+        tables = p.meta.block_tables
         drafts, probs = [], []
         for i in range(self.k):
-            positions, meta = build_attention_metadata(tables, starts, q_lens, self.block_size, self.device)
-            normed, prenorm = self.model(tokens, positions, hidden, meta)
-            if i == 0:
-                last = meta.query_start_loc[1:].long() - 1
-                normed, prenorm = normed[last], prenorm[last]
+            if i:
+                pos = base + i
+                slots = tables.long().gather(1, (pos // self.block_size)[:, None])[:, 0] * self.block_size \
+                    + pos % self.block_size
+                meta = AttentionMetadata(slot_mapping=slots, query_start_loc=self._starts(b, 1),
+                                         seq_lens=(pos + 1).to(torch.int32), block_tables=tables, max_query_len=1,
+                                         max_seq_len=p.meta.max_seq_len + self.k)
+                normed, prenorm = self.model(token, pos, prenorm, meta)
             token, q = self._choose(self.model.compute_logits(normed)[:, None], sampling, seqs)
-            drafts.append(token[:, 0])
+            token = token[:, 0]
+            drafts.append(token)
             probs.append(None if q is None else q[:, 0])
-            starts = [s + n for s, n in zip(starts, q_lens)]
-            q_lens = [1] * b
-            tokens, hidden = token[:, 0], prenorm
         draft_probs = None if probs[0] is None else torch.stack(probs, dim=1)
         return torch.stack(drafts, dim=1), draft_probs
 
-    def _parallel_logits(self, seqs, pending) -> torch.Tensor:
-        """One pass over the pending entries + K-1 mask slots per sequence; draft logits [B, K, Vd]."""
-        starts, token_lists, feats = pending
-        k, n_mask = self.k, self.k - 1
-        real = [len(t) for t in token_lists]
-        q_lens = [n + n_mask for n in real]
-        self._check_room(seqs, [s + q - 1 for s, q in zip(starts, q_lens)])
-        total_real = sum(real)
-        tokens, src, rows = [], [], []
-        real_off = out_off = 0
-        for ts, n in zip(token_lists, real):
-            tokens += ts + [self.mask_token_id] * n_mask
-            src += list(range(real_off, real_off + n)) + [total_real] * n_mask  # row total_real: the mask
-            rows += range(out_off + n - 1, out_off + n - 1 + k)
-            real_off += n
-            out_off += n + n_mask
-        to_dev = lambda x: torch.tensor(x, dtype=torch.int64).to(self.device, non_blocking=True)  # noqa: E731
-        projected = self.model.project(torch.cat(feats + [self.model.mask_hidden.to(feats[0].dtype)]))
-        hidden = projected.index_select(0, to_dev(src)) if n_mask else projected[:total_real]
-        positions, meta = build_attention_metadata([s.block_table for s in seqs], starts, q_lens,
-                                                   self.block_size, self.device)
-        normed, _ = self.model(to_dev(tokens), positions, hidden, meta)
-        logits = self.model.compute_logits(normed.index_select(0, to_dev(rows)))
-        return logits.view(len(seqs), k, -1)
+    def _parallel_logits(self, seqs, p: DraftPass) -> torch.Tensor:
+        """One pass over the new entries + K-1 mask slots per sequence; draft logits [B, K, Vd]."""
+        normed, _ = self.model(p.tokens, p.positions, p.hidden, p.meta)
+        logits = self.model.compute_logits(normed.index_select(0, p.sample_rows.flatten()))
+        return logits.view(len(seqs), self.k, -1)

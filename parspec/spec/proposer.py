@@ -53,6 +53,8 @@ class Proposer:
 
     # Target layers whose input hidden states the proposer reads (EAGLE-3, SPD); () for none.
     aux_layers: tuple[int, ...] = ()
+    # KV slots the proposer writes past what the target's step holds (prefill or decode).
+    extra_slots: int = 0
 
     def __init__(self, num_speculative_tokens: int):
         self.k = num_speculative_tokens
@@ -66,6 +68,10 @@ class Proposer:
 
     def propose(self, seqs: list[Sequence]) -> Proposal:
         raise NotImplementedError
+
+    def after_verify(self, seqs: list[Sequence], step: StepOutput, prefill: bool) -> None:
+        """Called after every target step's verification, BEFORE the host reads its result:
+        only the step's device tensors are there (a proposer may draft the next step now)."""
 
     def observe(self, seqs: list[Sequence], step: StepOutput, prefill: bool) -> None:
         """Called after every target step, before the sequences advance, with what
