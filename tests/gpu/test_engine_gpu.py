@@ -28,6 +28,12 @@ SPECS = {
     "eagle3": {"method": "eagle3", "model": os.path.join(FIX, "eagle3"), "num_speculative_tokens": 5},
     "p-eagle": {"method": "eagle3", "model": os.path.join(FIX, "p-eagle"), "num_speculative_tokens": 7,
                 "parallel_drafting": True},
+    # The drafter's device-built inputs at the edges of K (no mask slot at K=1).
+    "eagle3-k1": {"method": "eagle3", "model": os.path.join(FIX, "eagle3"), "num_speculative_tokens": 1},
+    "p-eagle-k1": {"method": "eagle3", "model": os.path.join(FIX, "p-eagle"), "num_speculative_tokens": 1,
+                   "parallel_drafting": True},
+    "p-eagle-k3": {"method": "eagle3", "model": os.path.join(FIX, "p-eagle"), "num_speculative_tokens": 3,
+                   "parallel_drafting": True},
 }
 
 
@@ -61,11 +67,12 @@ def test_bf16_divergence_rate_is_reported():
     assert same >= len(expected) // 2  # divergence only from near-ties; most completions match
 
 
-def test_sampled_speculation_runs_and_is_seeded_on_gpu():
+@pytest.mark.parametrize("method", ["draft_model", "p-eagle"])
+def test_sampled_speculation_runs_and_is_seeded_on_gpu(method):
     from parspec import LLM, SamplingParams
 
     llm = LLM(os.path.join(FIX, "target"), dtype="bfloat16", device="cuda",
-              speculative_config=SPECS["draft_model"])
+              speculative_config=SPECS[method])
     params = SamplingParams(temperature=0.8, top_p=0.95, seed=7, max_tokens=48)
     a = [o.outputs[0].token_ids for o in llm.generate(_prompts(4), params, use_tqdm=False)]
     b = [o.outputs[0].token_ids for o in llm.generate(_prompts(4), params, use_tqdm=False)]
