@@ -51,8 +51,10 @@ def bench_parspec(spec, prompts, batch, max_tokens, dtype, device) -> dict:
 
     llm = LLM(TARGET, dtype=dtype, device=device, max_num_seqs=batch, max_model_len=1024, speculative_config=spec)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    # Warm-up over every prompt: each prefill length / query shape compiles its Triton variant once.
-    llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    # Warm-up: the very run that is timed, once. Each prefill length, query shape and split-KV
+    # factor (it moves with the context length) compiles its Triton variant on first use; a
+    # shorter warm-up leaves compiles inside the timed run (seconds each, on a fresh machine).
+    llm.generate(prompts, params, use_tqdm=False)
     llm.engine.reset_stats()
     sync()
     start = time.perf_counter()

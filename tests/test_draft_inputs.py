@@ -53,7 +53,15 @@ def _random_case(b, k, num_mask, block_size, seed):
 def test_triton_matches_reference(b, k, num_mask, block_size):
     case = _random_case(b, k, num_mask, block_size, seed=b * 10 + k)
     ref = draft_inputs_ref(*case, block_size, num_mask, MASK)
-    got = draft_inputs_triton(*(t.to(DEV) for t in case), block_size, num_mask, MASK)
+    # As the engine passes them: base is every (K+1)-th fed position, a strided view; the
+    # emitted tokens and counts are given as strided views too.
+    out, acc, base, tables = (t.to(DEV) for t in case)
+    fed = (base[:, None] + torch.arange(k + 1, device=DEV)).flatten()
+    base = fed.view(b, k + 1)[:, 0]
+    out = torch.cat([out, out], dim=1)[:, :k + 1]
+    acc = torch.stack([acc, acc], dim=1)[:, 0]
+    assert not (base.is_contiguous() or out.is_contiguous() or acc.is_contiguous()) or b == 1
+    got = draft_inputs_triton(out, acc, base, tables, block_size, num_mask, MASK)
     for name in ("tokens", "positions", "slot_mapping", "seq_lens", "sample_rows"):
         assert torch.equal(getattr(got, name).cpu(), getattr(ref, name)), name
     # Mask slots follow the last accepted entry; nothing rejected is written.

@@ -332,9 +332,25 @@ def _dense(head, tokens: list[int], hidden: torch.Tensor):
     return head.compute_logits(normed[-1]), prenorm[-1]
 
 
-def test_sequential_passes_match_dense_reference(setup):
+needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                       reason="the Triton input kernel on CPU needs TRITON_INTERPRET=1")
+INPUT_BUILDERS = ["reference", pytest.param("triton", marks=needs_interpreter)]
+
+
+def _use_input_builder(monkeypatch, which: str) -> None:
+    """The drafter's device-built inputs from the torch reference (CPU default) or the Triton
+    kernel (what CUDA runs), so the dense checks below cover both."""
+    if which == "triton":
+        import parspec.spec.eagle3 as eagle3_module
+        from parspec.spec.draft_inputs import draft_inputs_triton
+        monkeypatch.setattr(eagle3_module, "draft_inputs", draft_inputs_triton)
+
+
+@pytest.mark.parametrize("builder", INPUT_BUILDERS)
+def test_sequential_passes_match_dense_reference(setup, monkeypatch, builder):
     """Pass j's logits equal a dense causal run over the real entries followed by the earlier
     drafts, each with the previous pass's pre-norm output as its hidden state."""
+    _use_input_builder(monkeypatch, builder)
     k = 3
     llm = LLM(setup["target"], dtype="float32", block_size=4,
               speculative_config=eagle_spec(setup["heads"]["seq"], k, False))
@@ -372,7 +388,9 @@ def test_sequential_passes_match_dense_reference(setup):
     assert len(checked) >= 5 and max(checked) == 3
 
 
-def test_parallel_pass_matches_dense_reference(setup):
+@pytest.mark.parametrize("builder", INPUT_BUILDERS)
+def test_parallel_pass_matches_dense_reference(setup, monkeypatch, builder):
+    _use_input_builder(monkeypatch, builder)
     k = 4
     llm = LLM(setup["target"], dtype="float32", block_size=4,
               speculative_config=eagle_spec(setup["heads"]["par"], k, True))

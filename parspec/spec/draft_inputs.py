@@ -62,18 +62,18 @@ def draft_inputs_ref(out_tokens: torch.Tensor, num_accepted: torch.Tensor, base:
 @triton.jit
 def _draft_inputs_kernel(out_ptr, acc_ptr, base_ptr, bt_ptr,
                          tokens_ptr, pos_ptr, slot_ptr, seq_lens_ptr, rows_ptr,
-                         stride_out, stride_bt, mask_token_id,
+                         stride_out_b, stride_out_e, stride_acc, stride_base, stride_bt, mask_token_id,
                          K1: tl.constexpr, NUM_MASK: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                          BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     Q: tl.constexpr = K1 + NUM_MASK
-    acc = tl.load(acc_ptr + b).to(tl.int64)
-    base = tl.load(base_ptr + b).to(tl.int64)
+    acc = tl.load(acc_ptr + b * stride_acc).to(tl.int64)
+    base = tl.load(base_ptr + b * stride_base).to(tl.int64)
     e = tl.arange(0, BLOCK_Q)
     inside = e < Q
     real = e < K1
     kept = real & (e <= acc)
-    tok = tl.load(out_ptr + b * stride_out + e, mask=kept, other=0).to(tl.int64)
+    tok = tl.load(out_ptr + b * stride_out_b + e * stride_out_e, mask=kept, other=0).to(tl.int64)
     tok = tl.where(kept, tok, mask_token_id)
     pos = base + tl.where(real, e, acc + 1 + e - K1)
     blk = tl.load(bt_ptr + b * stride_bt + pos // BLOCK_SIZE, mask=inside, other=0).to(tl.int64)
@@ -90,7 +90,8 @@ def _draft_inputs_kernel(out_ptr, acc_ptr, base_ptr, bt_ptr,
 def draft_inputs_triton(out_tokens: torch.Tensor, num_accepted: torch.Tensor, base: torch.Tensor,
                         block_tables: torch.Tensor, block_size: int, num_mask: int,
                         mask_token_id: int) -> DraftInputs:
-    """Triton twin of :func:`draft_inputs_ref`; no host synchronisation."""
+    """Triton twin of :func:`draft_inputs_ref`; no host synchronisation. Inputs may be
+    strided views (``base`` is typically every (K+1)-th fed position)."""
     b, k1 = out_tokens.shape
     q = k1 + num_mask
     dev = out_tokens.device
@@ -101,7 +102,8 @@ def draft_inputs_triton(out_tokens: torch.Tensor, num_accepted: torch.Tensor, ba
         return res
     _draft_inputs_kernel[(b,)](
         out_tokens, num_accepted, base, block_tables, res.tokens, res.positions, res.slot_mapping, res.seq_lens,
-        res.sample_rows, out_tokens.stride(0), block_tables.stride(0), mask_token_id,
+        res.sample_rows, out_tokens.stride(0), out_tokens.stride(1), num_accepted.stride(0), base.stride(0),
+        block_tables.stride(0), mask_token_id,
         K1=k1, NUM_MASK=num_mask, BLOCK_SIZE=block_size, BLOCK_Q=triton.next_power_of_2(q),
         BLOCK_R=triton.next_power_of_2(1 + num_mask), num_warps=1)
     return res
