@@ -435,6 +435,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     assert num_q_heads % num_kv_heads == 0
     group = num_q_heads // num_kv_heads
     num_seqs = meta.seq_lens.shape[0]
+    assert meta.query_positions is None or meta.query_positions.is_contiguous(), "query_positions must be contiguous"
     out = torch.empty_like(q)
     if num_tokens == 0 or num_seqs == 0 or meta.max_query_len <= 0:
         return out
