@@ -337,26 +337,26 @@ needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1"
 INPUT_BUILDERS = ["reference", pytest.param("triton", marks=needs_interpreter)]
 
 
-def _use_input_builder(monkeypatch, which: str) -> None:
-    """The drafter's device-built inputs from the torch reference (CPU default) or the Triton
-    kernel (what CUDA runs), so the dense checks below cover both."""
-    if which == "triton":
+def _recording_engine(setup, monkeypatch, builder: str, k: int, parallel: bool):
+    """An engine whose drafter's step inputs come from the torch reference (CPU default) or
+    the Triton kernel (what CUDA runs), so the dense checks below cover both; returns it,
+    its proposer, the head and the entry history."""
+    if builder == "triton":
         import parspec.spec.eagle3 as eagle3_module
         from parspec.spec.draft_inputs import draft_inputs_triton
         monkeypatch.setattr(eagle3_module, "draft_inputs", draft_inputs_triton)
+    llm = LLM(setup["target"], dtype="float32", block_size=4,
+              speculative_config=eagle_spec(setup["heads"]["par" if parallel else "seq"], k, parallel))
+    prop = llm.engine.proposer
+    return llm, prop, prop.model, _record_history(prop)
 
 
 @pytest.mark.parametrize("builder", INPUT_BUILDERS)
 def test_sequential_passes_match_dense_reference(setup, monkeypatch, builder):
     """Pass j's logits equal a dense causal run over the real entries followed by the earlier
     drafts, each with the previous pass's pre-norm output as its hidden state."""
-    _use_input_builder(monkeypatch, builder)
     k = 3
-    llm = LLM(setup["target"], dtype="float32", block_size=4,
-              speculative_config=eagle_spec(setup["heads"]["seq"], k, False))
-    prop = llm.engine.proposer
-    head = prop.model
-    history = _record_history(prop)
+    llm, prop, head, history = _recording_engine(setup, monkeypatch, builder, k, parallel=False)
     sequential, choose = prop._sequential, prop._choose
     checked = []
 
@@ -390,13 +390,8 @@ def test_sequential_passes_match_dense_reference(setup, monkeypatch, builder):
 
 @pytest.mark.parametrize("builder", INPUT_BUILDERS)
 def test_parallel_pass_matches_dense_reference(setup, monkeypatch, builder):
-    _use_input_builder(monkeypatch, builder)
     k = 4
-    llm = LLM(setup["target"], dtype="float32", block_size=4,
-              speculative_config=eagle_spec(setup["heads"]["par"], k, True))
-    prop = llm.engine.proposer
-    head = prop.model
-    history = _record_history(prop)
+    llm, prop, head, history = _recording_engine(setup, monkeypatch, builder, k, parallel=True)
     parallel_logits = prop._parallel_logits
     checked = []
 
