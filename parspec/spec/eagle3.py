@@ -143,7 +143,7 @@ class Eagle3Proposer(ModelProposer):
         self.num_mask = self.k - 1 if self.parallel else 0
         self.block_size = None
         self._ready: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # drafts per drafting batch
-        self._query_starts: dict[int, torch.Tensor] = {}
+        self._query_starts: dict[tuple[int, int], torch.Tensor] = {}
 
     # --- the next step's drafts are ready on the device -------------------------------------
     def propose(self, seqs) -> Proposal:
@@ -238,7 +238,7 @@ class Eagle3Proposer(ModelProposer):
 
     def _starts(self, b: int, q: int) -> torch.Tensor:
         """query_start_loc of B sequences of q queries each (cached per shape)."""
-        key = b * 4096 + q
+        key = (b, q)
         if key not in self._query_starts:
             self._query_starts[key] = torch.arange(0, (b + 1) * q, q, dtype=torch.int32, device=self.device)
         return self._query_starts[key]
