@@ -248,6 +248,7 @@ def test_sampled_parallel_run_is_reproducible(setup):
     params.append(GREEDY)  # a greedy row in a sampled batch stays the target's greedy output
     first = _outputs(llm.generate(prompts, params, use_tqdm=False))
     assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
+    assert not llm.engine.proposer._ready  # finished sequences' drafts (and their q) are not kept
     second = _outputs(llm.generate(prompts, params, use_tqdm=False))
     assert first == second
     assert all(len(o) == MAX_TOKENS for o in first)
@@ -278,6 +279,7 @@ def test_parallel_under_preemption_is_lossless(setup):
     outs = llm.generate(setup["prompts"], GREEDY, use_tqdm=False)
     assert llm.engine.scheduler.num_preemptions > 0
     assert _outputs(outs) == setup["expected"]
+    assert not llm.engine.proposer._ready
     assert llm.engine.blocks.num_free_blocks == 24
 
 

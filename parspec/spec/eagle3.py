@@ -142,7 +142,9 @@ class Eagle3Proposer(ModelProposer):
         self.mask_token_id = self.cfg.mask_token_id if self.parallel else None
         self.num_mask = self.k - 1 if self.parallel else 0
         self.block_size = None
-        self._ready: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # drafts per drafting batch
+        # Drafts waiting for the next step, per drafting batch: id -> [drafts, probs, live sequences].
+        self._ready: dict[int, list] = {}
+        self._next_batch = 0
         self._query_starts: dict[tuple[int, int], torch.Tensor] = {}
 
     # --- the next step's drafts are ready on the device -------------------------------------
@@ -154,24 +156,36 @@ class Eagle3Proposer(ModelProposer):
                 raise RuntimeError(f"sequence {seq.seq_id} reached the drafter without drafts "
                                    "(after_verify() was not called after its last target step)")
             where.append((state.pop("batch"), state.pop("row")))
-        if len(self._ready) == 1 and where == [(0, i) for i in range(len(seqs))] \
-                and self._ready[0][0].shape[0] == len(seqs):
-            drafts, probs = self._ready[0]
+        batches = list(dict.fromkeys(b for b, _ in where))  # those referenced, in order
+        first = self._ready[batches[0]]
+        if len(batches) == 1 and first[0].shape[0] == len(seqs) and [r for _, r in where] == list(range(len(seqs))):
+            drafts, probs = first[0], first[1]
         else:  # sequences drafted in different steps (prefills, then decodes), or some finished
-            offsets = [0]
-            for d, _ in self._ready:
-                offsets.append(offsets[-1] + d.shape[0])
+            offsets, at = {}, 0
+            for b in batches:
+                offsets[b] = at
+                at += self._ready[b][0].shape[0]
             index = torch.tensor([offsets[b] + r for b, r in where], dtype=torch.int64).to(self.device,
                                                                                           non_blocking=True)
-            drafts = torch.cat([d for d, _ in self._ready]).index_select(0, index)
+            drafts = torch.cat([self._ready[b][0] for b in batches]).index_select(0, index)
             probs = None
-            if any(p is not None for _, p in self._ready):
+            if any(self._ready[b][1] is not None for b in batches):
                 vocab = self.cfg.vocab_size
-                probs = torch.cat([p if p is not None else
-                                   torch.nn.functional.one_hot(d, vocab).float() for d, p in self._ready])
-                probs = probs.index_select(0, index)
-        self._ready.clear()
+                probs = torch.cat([p if p is not None else torch.nn.functional.one_hot(d, vocab).float()
+                                   for d, p, _ in (self._ready[b] for b in batches)]).index_select(0, index)
+        self._ready.clear()  # every running sequence is in this step (or was released)
         return Proposal.full(drafts, probs, 1 if self.parallel else self.k)
+
+    def release(self, seq) -> None:
+        """A finished or preempted sequence no longer needs its drafts; a batch of drafts
+        nobody needs is dropped (its q can be large)."""
+        b = seq.draft_state.get("batch")
+        if b in self._ready:
+            entry = self._ready[b]
+            entry[2] -= 1
+            if entry[2] == 0:
+                del self._ready[b]
+        super().release(seq)
 
     # --- drafting, right after the target step ----------------------------------------------
     @torch.inference_mode()
@@ -184,8 +198,9 @@ class Eagle3Proposer(ModelProposer):
             drafts, probs = self._choose(self._parallel_logits(seqs, p), sampling, seqs)
         else:
             drafts, probs = self._sequential(seqs, p, sampling)
-        batch = len(self._ready)
-        self._ready.append((drafts, probs))
+        batch = self._next_batch
+        self._next_batch += 1
+        self._ready[batch] = [drafts, probs, len(seqs)]
         for i, seq in enumerate(seqs):
             seq.draft_state.clear()
             seq.draft_state.update(batch=batch, row=i)
