@@ -37,6 +37,12 @@ class DraftInputs:
     sample_rows: torch.Tensor  # [B * (1 + num_mask)] int64: rows whose logits are drafts, in depth order
 
 
+def slots_of(block_tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Cache slots of ``positions`` [B, n] through each row's block table [B, W]."""
+    blocks = block_tables.long().gather(1, positions // block_size)
+    return blocks * block_size + positions % block_size
+
+
 def draft_inputs_ref(out_tokens: torch.Tensor, num_accepted: torch.Tensor, base: torch.Tensor,
                      block_tables: torch.Tensor, block_size: int, num_mask: int, mask_token_id: int) -> DraftInputs:
     """``out_tokens`` [B, K+1] emitted tokens (junk past ``num_accepted``), ``num_accepted`` [B],
@@ -51,8 +57,7 @@ def draft_inputs_ref(out_tokens: torch.Tensor, num_accepted: torch.Tensor, base:
     padded = torch.cat([out_tokens.long(), torch.zeros(b, num_mask, dtype=torch.long, device=dev)], dim=1)
     tokens = torch.where(kept, padded, mask_token_id)
     positions = base.long()[:, None] + torch.where(real, e, acc + 1 + e - k1)
-    blocks = block_tables.long().gather(1, positions // block_size)
-    slots = torch.where(real & ~kept, -1, blocks * block_size + positions % block_size)
+    slots = torch.where(real & ~kept, -1, slots_of(block_tables, positions, block_size))
     seq_lens = (base.long() + acc[:, 0] + 1 + num_mask).to(torch.int32)
     rows = torch.arange(b, device=dev)[:, None] * q + torch.cat(
         [acc, k1 + torch.arange(num_mask, device=dev)[None, :].expand(b, num_mask)], dim=1)

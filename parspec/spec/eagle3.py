@@ -47,7 +47,7 @@ from parspec.config import ConfigError, ModelConfig, SpeculativeConfig
 from parspec.engine.metadata import build_attention_metadata
 from parspec.models.eagle3 import Eagle3Config, Eagle3Drafter, default_aux_layers, load_eagle3
 from parspec.sampling import BatchSampling
-from parspec.spec.draft_inputs import draft_inputs
+from parspec.spec.draft_inputs import draft_inputs, slots_of
 from parspec.spec.proposer import ModelProposer, Proposal, sample_drafts
 
 MIN_LAYERS_FOR_DEFAULT_AUX = 4
@@ -281,8 +281,7 @@ class Eagle3Proposer(ModelProposer):
         for i in range(self.k):
             if i:
                 pos = base + i
-                slots = tables.long().gather(1, (pos // self.block_size)[:, None])[:, 0] * self.block_size \
-                    + pos % self.block_size
+                slots = slots_of(tables, pos[:, None], self.block_size)[:, 0]
                 meta = AttentionMetadata(slot_mapping=slots, query_start_loc=self._starts(b, 1),
                                          seq_lens=(pos + 1).to(torch.int32), block_tables=tables, max_query_len=1,
                                          max_seq_len=p.meta.max_seq_len + self.k)
