@@ -431,6 +431,15 @@ def test_head_shape_options_and_warm_start(tiny, tmp_path):
     for name, p in first.drafter.named_parameters():
         if not name.startswith("embed_tokens."):
             assert torch.equal(p, dict(warm.drafter.named_parameters())[name]), name
+    # New data picks another draft vocabulary and mask token; the warm start keeps the head's.
+    path, target, cfg = tiny
+    other = synthetic_data(cfg.vocab_size, copies=1, seed=9)
+    assert not torch.equal(build_draft_vocab(other.token_counts(cfg.vocab_size), 200, always=(0,)).ids,
+                           first.vocab.ids)
+    onward = make_trainer(tiny, "p-eagle", tmp_path / "d", data=other, init_from=saved, mask_token_id=None, **shape)
+    assert torch.equal(onward.vocab.ids, first.vocab.ids) and torch.equal(onward.drafter.d2t, first.drafter.d2t)
+    assert onward.cfg.mask_token_id == 1
+    assert torch.equal(onward.drafter.fc.weight, first.drafter.fc.weight)
     with pytest.raises(ConfigError, match="num_hidden_layers"):
         make_trainer(tiny, "p-eagle", tmp_path / "c", init_from=saved, **{**shape, "num_layers": 1})
     with pytest.raises(ConfigError, match="multiple of num_kv_heads"):

@@ -311,6 +311,17 @@ def build_draft_vocab(counts: torch.Tensor, size: int, always: tuple[int, ...] =
     return DraftVocab(ids, ids - torch.arange(size), t2d)
 
 
+def vocab_of(head, target_vocab: int) -> DraftVocab:
+    """The draft vocabulary a saved head carries (its d2t)."""
+    d2t = head.d2t.detach().cpu().long()
+    ids = torch.arange(d2t.numel()) + d2t
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= target_vocab):
+        raise ConfigError(f"the head's d2t maps outside the target's vocabulary of {target_vocab}")
+    t2d = torch.zeros(target_vocab, dtype=torch.bool)
+    t2d[ids] = True
+    return DraftVocab(ids, d2t, t2d)
+
+
 def pick_mask_token(target_dir: str, counts: torch.Tensor | None = None,
                     exclude: tuple[int, ...] = ()) -> int:
     """A special token of the target's tokenizer that normal text does not use, for P-EAGLE's

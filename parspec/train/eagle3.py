@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from parspec.config import ConfigError, ModelConfig, parse_dtype
 from parspec.models.eagle3 import Eagle3Config, Eagle3Drafter, default_aux_layers, load_eagle3, save_eagle3
-from parspec.train.data import Batch, DrafterData, DraftVocab, build_draft_vocab, capture, pick_mask_token
+from parspec.train.data import (Batch, DrafterData, DraftVocab, build_draft_vocab, capture, pick_mask_token,
+                                vocab_of)
 from parspec.train.layout import depth_keep_fractions, make_plan, segment_bounds
 from parspec.train.objective import DepthStats, segment_loss
 
@@ -168,8 +169,17 @@ class Trainer:
         if not self.train_idx:
             raise ConfigError("no training sequences")
         counts = data.token_counts(target_cfg.vocab_size, self.train_idx)
-        self.vocab: DraftVocab = build_draft_vocab(counts, tc.draft_vocab_size, always=eos_ids)
         mask_id = tc.mask_token_id
+        # A warm start keeps the head's draft vocabulary and mask token, so it can go on with
+        # new data, whose token counts would pick a slightly different vocabulary.
+        warm = load_eagle3(tc.init_from, torch.float32, "cpu", target_embedding=target.model.embed_tokens) \
+            if tc.init_from else None
+        if warm is None:
+            self.vocab: DraftVocab = build_draft_vocab(counts, tc.draft_vocab_size, always=eos_ids)
+        else:
+            self.vocab = vocab_of(warm, target_cfg.vocab_size)
+            if mask_id is None:
+                mask_id = warm.config.mask_token_id
         if tc.method == "p-eagle" and mask_id is None:
             if target_dir is None:
                 raise ConfigError("P-EAGLE needs mask_token_id (or the target directory to pick one)")
@@ -189,8 +199,8 @@ class Trainer:
             self.drafter.d2t.copy_(self.vocab.d2t)
             self.drafter.t2d.copy_(self.vocab.t2d)
             self._init_from_target(target, target_cfg)
-            if tc.init_from:
-                self._init_from_head(tc.init_from)
+            if warm is not None:
+                self._init_from_head(warm, tc.init_from)
         self.params = [p for n, p in self.drafter.named_parameters() if not n.startswith("embed_tokens.")]
         self.optimizer = torch.optim.AdamW(self.params, lr=tc.lr, betas=(0.9, 0.95), eps=1e-8,
                                            weight_decay=tc.weight_decay)
@@ -207,15 +217,12 @@ class Trainer:
             self.drafter.lm_head.weight.copy_(target.lm_head.weight[ids].float())
             self.drafter.norm.weight.copy_(target.model.norm.weight.float())
 
-    def _init_from_head(self, path: str) -> None:
-        """Warm start from a saved head of the same shape and draft vocabulary."""
-        head = load_eagle3(path, torch.float32, self.device, target_embedding=self.drafter.embed_tokens)
+    def _init_from_head(self, head: Eagle3Drafter, path: str) -> None:
+        """Warm start from a saved head of the same shape (its draft vocabulary already adopted)."""
         mine, theirs = self.cfg.to_dict(), head.config.to_dict()
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if diff:
             raise ConfigError(f"cannot warm-start from {path}: its head differs in {', '.join(diff)}")
-        if not torch.equal(head.d2t.cpu(), self.drafter.d2t.cpu()):
-            raise ConfigError(f"cannot warm-start from {path}: its draft vocabulary differs from this data's")
         state = {n: t for n, t in head.state_dict().items() if not n.startswith("embed_tokens.")}
         self.drafter.load_state_dict(state, strict=False)
 
