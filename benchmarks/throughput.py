@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -46,7 +47,7 @@ def sync():
         torch.cuda.synchronize()
 
 
-def bench_parspec(spec, prompts, batch, max_tokens, dtype, device) -> dict:
+def bench_parspec(spec, prompts, batch, max_tokens, dtype, device, repeats: int) -> dict:
     from parspec import LLM, SamplingParams
 
     llm = LLM(TARGET, dtype=dtype, device=device, max_num_seqs=batch, max_model_len=1024, speculative_config=spec)
@@ -55,16 +56,22 @@ def bench_parspec(spec, prompts, batch, max_tokens, dtype, device) -> dict:
     # factor (it moves with the context length) compiles its Triton variant on first use; a
     # shorter warm-up leaves compiles inside the timed run (seconds each, on a fresh machine).
     llm.generate(prompts, params, use_tqdm=False)
-    llm.engine.reset_stats()
-    sync()
-    start = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    sync()
-    elapsed = time.perf_counter() - start
+    # The engine is launch/host-bound at this model size, so a single run moves with the host's
+    # load by tens of percent: time several identical runs and report the median and the spread.
+    times = []
+    for _ in range(repeats):
+        llm.engine.reset_stats()
+        sync()
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        sync()
+        times.append(time.perf_counter() - start)
+    elapsed = statistics.median(times)
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     e = llm.engine
     steps = e.draft_steps or None
     return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed,
+            "tokens_per_s_runs": [tokens / t for t in times],
             "acceptance_length": e.stats.acceptance_length if spec else 1.0,
             "drafter_passes_per_step": e.drafter_passes_per_step,
             "ms_per_engine_step": 1e3 * elapsed / steps if steps else None,
@@ -121,6 +128,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ks", default="3,5,7")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median reported)")
     ap.add_argument("--hf-prompts", type=int, default=8, help="HF peers are slow: fewer prompts")
     args = ap.parse_args(argv)
 
@@ -131,9 +139,11 @@ def main(argv=None) -> int:
     for b in args.batch_sizes:
         rows = {}
         for name, spec in configs.items():
-            r = bench_parspec(spec, prompts, b, args.max_tokens, args.dtype, args.device)
+            r = bench_parspec(spec, prompts, b, args.max_tokens, args.dtype, args.device, args.repeats)
             rows[name] = r
-            print(f"B={b:2d} {name:16s} {r['tokens_per_s']:8.1f} tok/s  acceptance {r['acceptance_length']:.2f}  "
+            runs = r["tokens_per_s_runs"]
+            print(f"B={b:2d} {name:16s} {r['tokens_per_s']:8.1f} tok/s ({min(runs):.0f}-{max(runs):.0f})  "
+                  f"acceptance {r['acceptance_length']:.2f}  "
                   f"passes/step {r['drafter_passes_per_step']:.1f}", flush=True)
         base = rows["no-spec"]
         base_outputs = base["outputs"]
@@ -152,6 +162,7 @@ def main(argv=None) -> int:
         "commit": git_commit(), "torch": torch.__version__, "dtype": args.dtype,
         "model": "fixtures/reference/target (12.3M-param Llama) with its draft LM, EAGLE-3 and P-EAGLE heads",
         "prompts": os.path.basename(args.prompts), "num_prompts": len(prompts), "max_tokens": args.max_tokens,
+        "repeats": args.repeats, "statistic": "median of the timed runs (each run's figure in tokens_per_s_runs)",
         "results": results, "hf_peers_batch1": hf,
         "step_floor_us": {f"B={b}": step_floor_us(args.dtype, b, 400) for b in args.batch_sizes},
         "note": "parspec runs eagerly (no CUDA graphs yet): per-step time is launch/overhead-bound, far above "
@@ -172,12 +183,15 @@ def plot(record: dict, path: str) -> None:
         rows = record["results"][b]
         names = list(rows)
         vals = [rows[n]["tokens_per_s"] for n in names]
+        spread = [[v - min(rows[n].get("tokens_per_s_runs", [v])) for n, v in zip(names, vals)],
+                  [max(rows[n].get("tokens_per_s_runs", [v])) - v for n, v in zip(names, vals)]]
         if b == "B=1":
             names += list(record["hf_peers_batch1"])
             vals += [r["tokens_per_s"] for r in record["hf_peers_batch1"].values()]
+            spread = [side + [0.0] * len(record["hf_peers_batch1"]) for side in spread]
         colors = ["tab:gray" if n == "no-spec" else "tab:orange" if n.startswith("hf") else
                   "tab:green" if n.startswith("p-eagle") else "tab:blue" for n in names]
-        ax.barh(names, vals, color=colors)
+        ax.barh(names, vals, color=colors, xerr=spread, capsize=2)  # whiskers: slowest and fastest run
         ax.invert_yaxis()
         ax.set_xlabel("output tokens/s")
         ax.set_title(f"{b}, {record['dtype']}, {record['device']}", fontsize=9)
