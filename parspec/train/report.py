@@ -69,6 +69,12 @@ def render_card(m: dict) -> str:
         mask_line = ""
         depths = "Training-time test: step i feeds the step i-1 output back in, over the K steps."
     stopped = " (stopped at the time budget)" if m.get("stopped_early") else ""
+    if cfg.get("init_from"):
+        vocab_from = f"kept from the warm start, `{cfg['init_from']}`"
+        warm = (f"\nWarm-started from `{cfg['init_from']}` (its weights, draft vocabulary and mask token); the "
+                "steps, time and figures here are this run's alone.\n")
+    else:
+        vocab_from, warm = "the most frequent\n  in the training sequences", ""
     return f"""# {method} drafter head
 
 Trained with `parspec train-drafter` on the target's own outputs.
@@ -90,8 +96,8 @@ llm = LLM("<target>", speculative_config={json.dumps(spec)})
   embedding shared with the target and not stored; {m['head_bytes'] / 2**20:.2f} MiB
 - hidden {drafter['hidden_size']}, {drafter['num_hidden_layers']} layer(s), intermediate {drafter['intermediate_size']},
   {drafter['num_attention_heads']} heads / {drafter['num_key_value_heads']} KV heads of {drafter['head_dim']}
-- draft vocabulary {drafter['draft_vocab_size']} of {drafter['vocab_size']} target tokens (the most frequent
-  in the training sequences; d2t / t2d in the checkpoint)
+- draft vocabulary {drafter['draft_vocab_size']} of {drafter['vocab_size']} target tokens ({vocab_from};
+  d2t / t2d in the checkpoint)
 - target features: inputs of layers {drafter.get('eagle_config', {}).get('eagle_aux_hidden_state_layer_ids')}
 {mask_line}
 
@@ -103,7 +109,7 @@ llm = LLM("<target>", speculative_config={json.dumps(spec)})
 sampled at temperature {data.get('temperature_range')}). {data['heldout_sequences']} sequences held out.
 
 ## Training
-
+{warm}
 {m['steps_done']} steps of {cfg['batch_size']} sequences, AdamW lr {cfg['lr']} (warm-up, cosine), grad clip
 {cfg['grad_clip']}, depth weight {cfg['depth_decay']}^d, KL to the target's distribution over the draft
 vocabulary, all positions (prompt included). {depths}
