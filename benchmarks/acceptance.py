@@ -29,11 +29,15 @@ SEED_REFERENCE = {"K=3": 3.02, "K=7": 3.94}
 
 
 def git_commit() -> str:
+    # PARSPEC_COMMIT first: on the device the tree is re-sent each call while a .git there can
+    # be stale (a warm machine kept the first call's), so git would name the wrong commit.
+    if os.environ.get("PARSPEC_COMMIT"):
+        return os.environ["PARSPEC_COMMIT"]
     try:
         return subprocess.check_output(["git", "-C", REPO, "rev-parse", "HEAD"], text=True,
                                        stderr=subprocess.DEVNULL).strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("PARSPEC_COMMIT", "unknown")
+        return "unknown"
 
 
 def device_name(device: str) -> str:
