@@ -40,6 +40,12 @@ def git_commit() -> str:
         return "unknown"
 
 
+def read_prompts(path: str, num: int) -> list[str]:
+    """The first ``num`` prompts of a JSONL file of {"prompt": ...} objects."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line)["prompt"] for line in f if line.strip()][:num]
+
+
 def device_name(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
@@ -74,8 +80,7 @@ def main(argv=None) -> int:
 
     from parspec import LLM, SamplingParams
 
-    with open(args.prompts, encoding="utf-8") as f:
-        prompts = [json.loads(line)["prompt"] for line in f if line.strip()][:args.num_prompts]
+    prompts = read_prompts(args.prompts, args.num_prompts)
     ks = [int(k) for k in args.ks.split(",")]
     target = os.path.join(FIX, "target")
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)

@@ -13,14 +13,13 @@ differing token would be a bug."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from acceptance import FIX, REPO, methods  # noqa: E402
+from acceptance import FIX, REPO, methods, read_prompts  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -37,8 +36,7 @@ def main(argv=None) -> int:
 
     from parspec import LLM, SamplingParams
 
-    with open(args.prompts, encoding="utf-8") as f:
-        prompts = [json.loads(line)["prompt"] for line in f if line.strip()][:args.num_prompts]
+    prompts = read_prompts(args.prompts, args.num_prompts)
     target = os.path.join(FIX, "target")
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     common = dict(dtype="float32", device="cpu", max_num_seqs=args.max_num_seqs, max_model_len=2048)

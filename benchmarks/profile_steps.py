@@ -10,16 +10,14 @@ on the host (benchmarks/README.md, throughput notes)."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-FIX = os.path.join(REPO, "fixtures", "reference")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from acceptance import FIX, read_prompts  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -33,8 +31,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rows", type=int, default=12)
     args = ap.parse_args(argv)
-    with open(args.prompts, encoding="utf-8") as f:
-        prompts = [json.loads(line)["prompt"] for line in f if line.strip()][:args.num_prompts]
+    prompts = read_prompts(args.prompts, args.num_prompts)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     for k in args.ks:

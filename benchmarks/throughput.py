@@ -16,7 +16,6 @@ there, and the speed-ups come from fewer steps and cheaper drafting."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -25,7 +24,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from acceptance import FIX, device_name, git_commit, save_result  # noqa: E402
+from acceptance import FIX, device_name, git_commit, read_prompts, save_result  # noqa: E402
 
 TARGET = os.path.join(FIX, "target")
 
@@ -132,8 +131,7 @@ def main(argv=None) -> int:
     ap.add_argument("--hf-prompts", type=int, default=8, help="HF peers are slow: fewer prompts")
     args = ap.parse_args(argv)
 
-    with open(args.prompts, encoding="utf-8") as f:
-        prompts = [json.loads(line)["prompt"] for line in f if line.strip()][:args.num_prompts]
+    prompts = read_prompts(args.prompts, args.num_prompts)
     configs = spec_configs([int(k) for k in args.ks.split(",")])
     results = {}
     for b in args.batch_sizes:
