@@ -290,6 +290,13 @@ class DraftVocab:
     d2t: torch.Tensor  # [draft_vocab] int64: target id = draft id + d2t[draft id]
     t2d: torch.Tensor  # [target_vocab] bool
 
+    @classmethod
+    def from_ids(cls, ids: torch.Tensor, target_vocab: int) -> DraftVocab:
+        """The vocabulary of these ascending target ids."""
+        t2d = torch.zeros(target_vocab, dtype=torch.bool)
+        t2d[ids] = True
+        return cls(ids, ids - torch.arange(ids.numel()), t2d)
+
 
 def build_draft_vocab(counts: torch.Tensor, size: int, always: tuple[int, ...] = ()) -> DraftVocab:
     """The ``size`` most frequent target tokens (ties: lower id first) plus ``always``."""
@@ -305,10 +312,7 @@ def build_draft_vocab(counts: torch.Tensor, size: int, always: tuple[int, ...] =
         if len(chosen) == size:
             break
         chosen.add(t)
-    ids = torch.tensor(sorted(chosen), dtype=torch.int64)
-    t2d = torch.zeros(vocab, dtype=torch.bool)
-    t2d[ids] = True
-    return DraftVocab(ids, ids - torch.arange(size), t2d)
+    return DraftVocab.from_ids(torch.tensor(sorted(chosen), dtype=torch.int64), vocab)
 
 
 def vocab_of(head, target_vocab: int) -> DraftVocab:
@@ -317,9 +321,7 @@ def vocab_of(head, target_vocab: int) -> DraftVocab:
     ids = torch.arange(d2t.numel()) + d2t
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= target_vocab):
         raise ConfigError(f"the head's d2t maps outside the target's vocabulary of {target_vocab}")
-    t2d = torch.zeros(target_vocab, dtype=torch.bool)
-    t2d[ids] = True
-    return DraftVocab(ids, d2t, t2d)
+    return DraftVocab.from_ids(ids, target_vocab)
 
 
 def pick_mask_token(target_dir: str, counts: torch.Tensor | None = None,
