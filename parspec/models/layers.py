@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parspec.attention import AttentionMetadata, paged_attention, write_kv
+from parspec.attention import AttentionMetadata, paged_attention
+from parspec.layer_kernels import add_rms_norm, rms_norm, rope_and_write_kv, rotate_half_ref, silu_and_mul
 
 
 class RMSNorm(nn.Module):
@@ -18,15 +19,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
     def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Residual add then norm; returns (normed, new residual)."""
-        residual = x + residual
-        return self(residual), residual
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -71,12 +68,7 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         cos = self.cos[positions].unsqueeze(-2)  # [..., T, 1, D/2]
         sin = self.sin[positions].unsqueeze(-2)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+        return rotate_half_ref(q, cos, sin), rotate_half_ref(k, cos, sin)
 
 
 class PagedSelfAttention(nn.Module):
@@ -105,16 +97,24 @@ class PagedSelfAttention(nn.Module):
         """``meta`` is the paged-cache metadata at inference, or, for training without a
         cache, a boolean mask ``[..., T, T]`` (True = may attend) over ``x`` of ``[..., T, C]``."""
         lead = x.shape[:-1]
-        q, k, v = self.project_qkv(x, positions)
         if isinstance(meta, torch.Tensor):
-            o = self._dense_attention(q, k, v, meta)
+            o = self._dense_attention(*self.project_qkv(x, positions), meta)
         else:
-            write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            q, k, v = self._project_heads(x)
+            q = rope_and_write_kv(q, k, v, positions, self.rope.cos, self.rope.sin,
+                                  self.k_cache, self.v_cache, meta.slot_mapping)
             o = paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
         return self.o_proj(o.reshape(*lead, self.q_size))
 
     def project_qkv(self, x: torch.Tensor, positions: torch.Tensor):
         """Queries, keys and values ``[..., T, heads, D]``, normed (Qwen3) and rotated."""
+        q, k, v = self._project_heads(x)
+        q, k = self.rope(positions, q, k)
+        return q, k, v
+
+    def _project_heads(self, x: torch.Tensor):
+        """Queries, keys and values ``[..., T, heads, D]``, not yet rotated: views of one GEMM
+        output, but for q and k when Qwen3 norms them."""
         lead = x.shape[:-1]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(*lead, self.num_heads, self.head_dim)
@@ -122,7 +122,6 @@ class PagedSelfAttention(nn.Module):
         v = v.view(*lead, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rope(positions, q, k)
         return q, k, v
 
     def _dense_attention(self, q, k, v, mask):
@@ -142,8 +141,7 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 # HF checkpoint names -> (our fused parameter, shard index); the loader uses this.
