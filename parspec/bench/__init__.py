@@ -1,0 +1,1 @@
+"""Benchmarks: the harness, the 8B-shaped expansion of the reference pair, peers, roofline, plots."""
