@@ -11,7 +11,7 @@ def __getattr__(name):
         from parspec.engine.llm import LLM
         return LLM
     if name == "RequestOutput":
-        from parspec.engine.sequence import RequestOutput
+        from parspec.sequence import RequestOutput
         return RequestOutput
     if name == "SamplingParams":
         from parspec.sampling import SamplingParams

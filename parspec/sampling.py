@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from parspec.transfer import to_device
+
 
 class SamplingError(ValueError):
     """A sampling parameter is out of range."""
@@ -56,7 +58,7 @@ class SamplingParams:
 
 @dataclass
 class BatchSampling:
-    """Per-row sampling parameters of a batch as device tensors, built once per step."""
+    """Per-row sampling parameters of a batch as device tensors, built once per batch composition."""
 
     temperature: torch.Tensor  # [B] float32; 0 rows are greedy
     top_k: torch.Tensor  # [B] int64; 0 = disabled
@@ -66,14 +68,16 @@ class BatchSampling:
     any_top_p: bool
 
     @classmethod
-    def from_params(cls, params: list[SamplingParams], device) -> BatchSampling:
-        temps = [p.temperature for p in params]
-        top_k = [max(p.top_k, 0) for p in params]
-        top_p = [p.top_p for p in params]
+    def from_params(cls, params: list[SamplingParams], device, num_rows: int | None = None) -> BatchSampling:
+        """``num_rows`` >= len(params) pads the batch with greedy rows (a CUDA-graph bucket)."""
+        pad = (num_rows or len(params)) - len(params)
+        temps = [p.temperature for p in params] + [0.0] * pad
+        top_k = [max(p.top_k, 0) for p in params] + [0] * pad
+        top_p = [p.top_p for p in params] + [1.0] * pad
         return cls(
-            temperature=torch.tensor(temps, dtype=torch.float32, device=device),
-            top_k=torch.tensor(top_k, dtype=torch.int64, device=device),
-            top_p=torch.tensor(top_p, dtype=torch.float32, device=device),
+            temperature=to_device(temps, torch.float32, device),
+            top_k=to_device(top_k, torch.int64, device),
+            top_p=to_device(top_p, torch.float32, device),
             all_greedy=all(t == 0 for t in temps),
             any_top_k=any(k > 0 for k in top_k),
             any_top_p=any(p < 1 for p in top_p),

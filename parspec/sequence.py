@@ -12,6 +12,16 @@ import torch
 from parspec.sampling import SamplingParams
 
 
+@dataclass
+class DraftState:
+    """A proposer's per-sequence state (typed fields; each proposer uses its own)."""
+
+    batch: int | None = None  # EAGLE-3: the drafting batch that holds this sequence's next drafts
+    row: int = 0  # EAGLE-3: the sequence's row in that batch
+    cached: int = 0  # draft LM: leading tokens whose K/V are in the draft model's cache
+    fed_until: int = 0  # draft LM: positions its last drafting wrote up to
+
+
 class Status(Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -86,7 +96,7 @@ class Sequence:
         self.arrival_time = time.perf_counter()
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
-        self.draft_state: dict = {}  # a proposer's per-sequence state (its own cached count, ...)
+        self.draft = DraftState()
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -301,6 +301,7 @@ def _record_history(prop) -> dict[int, dict[int, tuple[int, torch.Tensor]]]:
     after_verify = prop.after_verify
 
     def spy(seqs, step, prefill):
+        history["seqs"] = seqs  # the batch the drafter is about to run (CPU: no padding rows)
         out, acc = step.output_tokens.tolist(), step.num_accepted.tolist()
         offset = 0
         for b, s in enumerate(seqs):
@@ -362,15 +363,17 @@ def test_sequential_passes_match_dense_reference(setup, monkeypatch, builder):
     sequential, choose = prop._sequential, prop._choose
     checked = []
 
-    def sequential_spy(seqs, p, sampling):
+    def sequential_spy(p, rows, sampling, generators):
         logits = []
+        seqs = history["seqs"]
+        assert rows == len(seqs)
 
-        def choose_spy(lg, sampling, seqs):
+        def choose_spy(lg, sampling, generators):
             logits.append(lg[:, 0].clone())
-            return choose(lg, sampling, seqs)
+            return choose(lg, sampling, generators)
 
         prop._choose = choose_spy
-        drafts, probs = sequential(seqs, p, sampling)
+        drafts, probs = sequential(p, rows, sampling, generators)
         prop._choose = choose
         for b, s in enumerate(seqs):
             entries = [history[s.seq_id][pos] for pos in range(_last_real(p, b, history[s.seq_id]) + 1)]
@@ -404,8 +407,10 @@ def test_parallel_pass_matches_dense_reference(setup, monkeypatch, builder):
         feats = torch.stack([f for _, f in entries] + [head.mask_hidden[0]] * num_masks)
         return _dense(head, tokens, head.project(feats))[0]
 
-    def logits_spy(seqs, p):
-        out = parallel_logits(seqs, p)
+    def logits_spy(p, rows):
+        seqs = history["seqs"]
+        assert rows == len(seqs)
+        out = parallel_logits(p, rows)
         for b, s in enumerate(seqs):
             last_real = _last_real(p, b, history[s.seq_id])
             for j in range(k):  # draft j+1 sees the real entries and j mask slots

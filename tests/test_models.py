@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parspec.engine.metadata import build_attention_metadata
+from parspec.metadata import build_attention_metadata
 from parspec.kv_cache import BlockManager, allocate_kv_cache, bind_kv_cache
 from parspec.loader import load_model
 from tests.conftest import FAMILIES

@@ -6,7 +6,7 @@ from dataclasses import fields
 
 from parspec.config import ConfigError, EngineConfig
 from parspec.engine.llm_engine import LLMEngine
-from parspec.engine.sequence import RequestOutput
+from parspec.sequence import RequestOutput
 from parspec.sampling import SamplingParams
 
 

@@ -9,9 +9,12 @@ import torch
 from tqdm import tqdm
 
 from parspec.config import ConfigError, EngineConfig, ModelConfig, SpeculativeConfig, parse_dtype
-from parspec.engine.model_runner import ModelRunner, StepOutput
+from parspec.engine.model_runner import ModelRunner
 from parspec.engine.scheduler import Scheduler
-from parspec.engine.sequence import RequestOutput, Sequence, SpecStats, Status
+from parspec.engine.timing import StepEvents
+from parspec.sequence import RequestOutput, Sequence, SpecStats, Status
+from parspec.spec.proposer import TargetView
+from parspec.step import StepOutput
 from parspec.kv_cache import BlockManager, kv_bytes_per_block
 from parspec.loader import load_model
 from parspec.sampling import SamplingParams
@@ -21,6 +24,10 @@ from parspec.tokenizer import Tokenizer
 log = logging.getLogger("parspec")
 
 
+def _no_mark(phase: str) -> None:
+    pass
+
+
 class RequestError(ValueError):
     """A request is malformed (prompt too long, bad token ids, ...); the engine stays usable."""
 
@@ -28,6 +35,7 @@ class RequestError(ValueError):
 class LLMEngine:
     def __init__(self, cfg: EngineConfig, speculative_config=None):
         self.cfg = cfg
+        self.step_events: StepEvents | None = None  # attach one to time the step phases on the GPU
         self.spec_config = SpeculativeConfig.from_any(speculative_config)
         self.device = cfg.resolved_device()
         model_cfg = ModelConfig.from_pretrained(cfg.model)
@@ -37,14 +45,21 @@ class LLMEngine:
         self.model, self.model_config = load_model(cfg.model, self.dtype, self.device,
                                                    max_positions=self.max_model_len + k + 1)
         self.tokenizer = None if cfg.skip_tokenizer_init else Tokenizer(cfg.model)
-        self.proposer = build_proposer(self.spec_config, self) if self.spec_config else None
+        use_graphs = not cfg.enforce_eager and self.device.type == "cuda"
+        target = TargetView(self.model_config, cfg.model, self.device, self.dtype, self.model.model.embed_tokens,
+                            self.max_model_len, cfg.max_num_seqs, use_graphs)
+        self.proposer = build_proposer(self.spec_config, target) if self.spec_config else None
         num_blocks = self._num_kv_blocks(k)
         self.blocks = BlockManager(num_blocks, cfg.block_size)
         aux = self.proposer.aux_layers if self.proposer else ()
-        self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.device, self.dtype, aux)
+        extra = self.proposer.extra_slots if self.proposer else 0
+        self.drafter_slots = extra
+        self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=cfg.block_size, device=self.device,
+                                  dtype=self.dtype, aux_layers=aux, max_num_seqs=cfg.max_num_seqs,
+                                  num_query_tokens=k + 1, max_positions=self.max_model_len + k + extra + 1,
+                                  use_cuda_graphs=use_graphs)
         if self.proposer:
             self.proposer.allocate(num_blocks, cfg.block_size)
-        extra = self.proposer.extra_slots if self.proposer else 0
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens, k + extra,
                                    prefill_lookahead=extra, on_preempt=self._release_draft_state)
         self.eos_token_ids = set(self.tokenizer.eos_token_ids if self.tokenizer else model_cfg.eos_token_id)
@@ -133,22 +148,21 @@ class LLMEngine:
         seqs, prefill = self.scheduler.schedule()
         if not seqs:
             return []
-        t0 = time.perf_counter()
+        mark = self.step_events.mark if self.step_events is not None and not prefill else _no_mark
+        mark("begin")
         proposal = None if prefill or self.proposer is None else self.proposer.propose(seqs)
-        t1 = time.perf_counter()
+        mark("drafted")
         if proposal is not None:
             self.drafter_passes += proposal.drafter_passes
             self.draft_steps += 1
         out = self.runner.step(seqs, prefill, proposal)  # one target forward + verification, on device
-        t2 = time.perf_counter()
+        mark("verified")
         if self.proposer:
             self.proposer.after_verify(seqs, out, prefill)  # EAGLE-3 drafts the next step here
-        t3 = time.perf_counter()
+        mark("end")
         out.fetch()  # the step's one host synchronisation
         if self.proposer:
             self.proposer.observe(seqs, out, prefill)
-        self.step_times["draft"] += (t1 - t0) + (t3 - t2)
-        self.step_times["verify"] += (t2 - t1) + (time.perf_counter() - t3)
         return self._advance(seqs, out, prefill)
 
     def _advance(self, seqs: list[Sequence], out: StepOutput, prefill: bool) -> list[Sequence]:
@@ -156,7 +170,8 @@ class LLMEngine:
         now = time.perf_counter()
         for seq, tokens, num_drafts in zip(seqs, out.tokens, out.num_drafts):
             seq.num_cached = len(seq) - 1 + len(tokens)  # fed tokens, accepted drafts included
-            self.blocks.shrink(seq.seq_id, seq.block_table, seq.num_cached)  # roll back rejected slots
+            # Roll back rejected slots; keep what the drafter wrote past them for the next step.
+            self.blocks.shrink(seq.seq_id, seq.block_table, seq.num_cached + self.drafter_slots)
             if not prefill:
                 seq.spec.record(num_drafts, len(tokens) - 1)
                 self.stats.record(num_drafts, len(tokens) - 1)
@@ -211,7 +226,6 @@ class LLMEngine:
         """Speculation counters; drafter_passes counts drafter forwards (K per step
         sequentially, 1 with parallel drafting)."""
         self.stats = SpecStats()
-        self.step_times = {"draft": 0.0, "verify": 0.0}
         self.drafter_passes = 0
         self.draft_steps = 0  # engine steps that drafted (one per batch, not per sequence)
 

@@ -1,105 +1,140 @@
-"""Runs the target: builds per-step inputs and attention metadata from the sequences,
-does ONE forward over every sequence's new tokens, and verifies the drafts on device."""
+"""Runs the target: ONE forward over every sequence's new tokens, then verification, on device.
+
+Decode / verify steps (``Q = K + 1`` tokens per sequence) run over static buffers padded
+to a batch-size bucket: the host writes each sequence's last token, base position and
+block table into page-locked memory, one asynchronous copy moves them, and the device
+builds positions and slot mapping itself (``decode_metadata``). The forward from those
+buffers to the logits is one CUDA graph per bucket (``GraphCache``); with graphs off the
+same function runs eagerly over the same shapes, so the output is identical. Padding
+rows point at the cache's pad block, which no sequence owns.
+
+Prefill steps (any lengths) run eagerly with metadata built on the host."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-from parspec.attention import AttentionMetadata
-from parspec.engine.metadata import build_attention_metadata
-from parspec.engine.sequence import Sequence
 from parspec.kv_cache import allocate_kv_cache, bind_kv_cache
+from parspec.metadata import build_attention_metadata, decode_metadata
 from parspec.sampling import BatchSampling, probs_from_logits
-from parspec.spec.proposer import Proposal
+from parspec.sequence import Sequence
+from parspec.step import Proposal, StepOutput
+from parspec.cuda_graphs import GraphCache, batch_buckets, bucket_for, shared_pool
 from parspec.spec.verify import draw_verification_noise, verify_greedy, verify_rejection
-
-
-@dataclass
-class StepOutput:
-    """One target forward + verification. Device tensors stay on device; ``fetch()`` is the
-    step's single synchronisation (it fills ``tokens``)."""
-
-    output_tokens: torch.Tensor  # [B, K+1] int64, PLACEHOLDER-padded
-    num_accepted: torch.Tensor  # [B] int32
-    num_drafts: list[int]
-    aux_hidden: torch.Tensor | None  # [T, len(aux_layers) * H] features of every fed token, if asked for
-    positions: torch.Tensor  # [T] positions of the fed tokens
-    meta: AttentionMetadata  # the target's attention metadata of this step
-    tokens: list[list[int]] = field(default_factory=list)  # per sequence: accepted drafts + one
-    _host: tuple | None = None  # (output_tokens, num_accepted) copies on their way to the host
-    _ready: object = None  # CUDA event recorded after those copies
-
-    def start_fetch(self) -> None:
-        """Start copying the result to the host; later device work does not delay fetch()."""
-        self._host = (self.output_tokens.to("cpu", non_blocking=True), self.num_accepted.to("cpu", non_blocking=True))
-        if self.output_tokens.is_cuda:
-            self._ready = torch.cuda.Event()
-            self._ready.record()
-
-    def fetch(self) -> list[list[int]]:
-        if self._host is None:
-            self.start_fetch()
-        if self._ready is not None:
-            self._ready.synchronize()
-        out, acc = (t.tolist() for t in self._host)
-        self.tokens = [row[:a + 1] for row, a in zip(out, acc)]
-        return self.tokens
+from parspec.transfer import pinned, to_device
 
 
 class ModelRunner:
-    def __init__(self, model, num_blocks: int, block_size: int, device: torch.device,
-                 dtype: torch.dtype, aux_layers: tuple[int, ...] = ()):
+    def __init__(self, model, *, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype,
+                 aux_layers: tuple[int, ...], max_num_seqs: int, num_query_tokens: int, max_positions: int,
+                 use_cuda_graphs: bool):
         cfg = model.config
         self.model, self.device, self.block_size = model, device, block_size
         self.aux_layers = aux_layers
-        self.kv_cache = allocate_kv_cache(cfg.num_hidden_layers, num_blocks, block_size,
+        self.q = num_query_tokens  # K + 1 tokens fed per sequence in a decode step
+        self.pad_block = num_blocks  # one block past the manager's: padding rows write here
+        self.kv_cache = allocate_kv_cache(cfg.num_hidden_layers, num_blocks + 1, block_size,
                                           cfg.num_key_value_heads, cfg.head_dim, dtype, device)
         bind_kv_cache(model.attention_layers, self.kv_cache)
+        self.max_positions = max_positions  # bound on any position a step writes (fixes split-KV shapes)
+        self.width = -(-max_positions // block_size)  # block-table columns
+        cuda = device.type == "cuda"
+        # On the GPU a batch is padded to a bucket (one graph each); on the CPU it runs as is.
+        self.buckets = batch_buckets(max_num_seqs) if cuda else list(range(1, max_num_seqs + 1))
+        bmax = self.buckets[-1]
+        self.host_inputs = pinned((2, bmax), torch.int64, device)  # last tokens; base positions
+        self.host_tables = pinned((bmax, self.width), torch.int32, device)
+        self.host_out = pinned(bmax * (self.q + 1), torch.int64, device)
+        self.inputs = torch.zeros(2, bmax, dtype=torch.int64, device=device)
+        self.input_ids = torch.zeros(bmax, self.q, dtype=torch.int64, device=device)
+        self.block_tables = torch.full((bmax, self.width), self.pad_block, dtype=torch.int32, device=device)
+        self.num_drafts = torch.zeros(bmax, dtype=torch.int32, device=device)
+        self.graphs = GraphCache(self._decode_forward, enabled=cuda and use_cuda_graphs, pool=shared_pool(device))
+        self._sampling_key = None
+        self._sampling: BatchSampling | None = None
+
+    def bucket(self, num_seqs: int) -> int:
+        return bucket_for(num_seqs, self.buckets)
 
     @torch.inference_mode()
     def step(self, seqs: list[Sequence], prefill: bool, proposal: Proposal | None) -> StepOutput:
-        if prefill:
-            # Every uncached token is fed; the next token is sampled from the last one's logits.
-            token_lists = [s.token_ids[s.num_cached:] for s in seqs]
-            starts = [s.num_cached for s in seqs]
-            input_ids = torch.tensor([t for ts in token_lists for t in ts], device=self.device)
-            q_lens = [len(ts) for ts in token_lists]
-        else:
-            k = proposal.draft_tokens.shape[1] if proposal is not None else 0
-            last = torch.tensor([s.last_token for s in seqs], device=self.device)[:, None]
-            fed = last if proposal is None else torch.cat([last, proposal.draft_tokens], dim=1)
-            input_ids = fed.reshape(-1)
-            starts = [len(s) - 1 for s in seqs]
-            q_lens = [k + 1] * len(seqs)
-        positions, meta = build_attention_metadata([s.block_table for s in seqs], starts, q_lens,
-                                                   self.block_size, self.device)
-        hidden, aux = self.model(input_ids, positions, meta, self.aux_layers)
-        if prefill:
-            logits = self.model.compute_logits(hidden[meta.query_start_loc[1:].long() - 1])[:, None]
-        else:
-            logits = self.model.compute_logits(hidden).view(len(seqs), q_lens[0], -1)
-        out, acc, num_drafts = self.verify(seqs, logits, None if prefill else proposal)
-        step = StepOutput(out, acc, num_drafts, torch.cat(aux, dim=-1) if aux else None, positions, meta)
-        step.start_fetch()
+        return self._prefill(seqs) if prefill else self._decode(seqs, proposal)
+
+    # --- decode / verify ---------------------------------------------------------------------
+    def _decode(self, seqs: list[Sequence], proposal: Proposal | None) -> StepOutput:
+        b = len(seqs)
+        rows = self.bucket(b)
+        inputs = self.host_inputs.numpy()
+        inputs[:, b:rows] = 0
+        inputs[0, :b] = [s.last_token for s in seqs]
+        inputs[1, :b] = [len(s) - 1 for s in seqs]
+        tables = self.host_tables.numpy()
+        tables[:rows] = self.pad_block
+        for i, s in enumerate(seqs):
+            tables[i, :len(s.block_table)] = s.block_table
+        self.inputs[:, :rows].copy_(self.host_inputs[:, :rows], non_blocking=True)
+        self.block_tables[:rows].copy_(self.host_tables[:rows], non_blocking=True)
+        self.input_ids[:rows, 0].copy_(self.inputs[0, :rows])
+        if proposal is not None:
+            self.input_ids[:b, 1:].copy_(proposal.draft_tokens[:b])
+            self.num_drafts[:b].copy_(proposal.num_drafts[:b])
+            self.num_drafts[b:rows].zero_()
+        logits, aux = self.graphs.run(rows)
+        sampling = self.sampling(seqs, rows)
+        out, acc = self._verify(seqs, sampling, logits, self.input_ids[:rows, 1:], self.num_drafts[:rows], proposal)
+        step = StepOutput(b, out, acc, proposal.num_drafts_host[:b] if proposal is not None else [0] * b, aux,
+                          base_positions=self.inputs[1, :rows], block_tables=self.block_tables[:rows],
+                          fed_tokens=self.input_ids[:rows], sampling=sampling)
+        step.start_fetch(self.host_out)
         return step
 
-    def verify(self, seqs: list[Sequence], logits: torch.Tensor, proposal: Proposal | None):
-        b, k = logits.shape[0], logits.shape[1] - 1
-        if proposal is None:
-            drafts = torch.zeros(b, 0, dtype=torch.int64, device=self.device)
-            num_drafts = torch.zeros(b, dtype=torch.int32, device=self.device)
-            num_drafts_host = [0] * b
-        else:
-            drafts, num_drafts, num_drafts_host = proposal.draft_tokens, proposal.num_drafts, proposal.num_drafts_host
-        sampling = BatchSampling.from_params([s.params for s in seqs], self.device)
+    def _decode_forward(self, rows: int):
+        """Static buffers -> logits [rows, Q, V] and aux features; captured per bucket."""
+        positions, meta = decode_metadata(self.inputs[1, :rows], self.block_tables[:rows], self.q,
+                                          self.block_size, self.max_positions)
+        hidden, aux = self.model(self.input_ids[:rows].reshape(-1), positions, meta, self.aux_layers)
+        logits = self.model.compute_logits(hidden).view(rows, self.q, -1)
+        return logits, torch.cat(aux, dim=-1) if aux else None
+
+    # --- prefill ---------------------------------------------------------------------------------
+    def _prefill(self, seqs: list[Sequence]) -> StepOutput:
+        # Every uncached token is fed; the next token is sampled from the last one's logits.
+        token_lists = [s.token_ids[s.num_cached:] for s in seqs]
+        input_ids = to_device([t for ts in token_lists for t in ts], torch.int64, self.device)
+        positions, meta = build_attention_metadata([s.block_table for s in seqs], [s.num_cached for s in seqs],
+                                                   [len(ts) for ts in token_lists], self.block_size, self.device)
+        hidden, aux = self.model(input_ids, positions, meta, self.aux_layers)
+        logits = self.model.compute_logits(hidden[meta.query_start_loc[1:].long() - 1])[:, None]
+        b = len(seqs)
+        no_drafts = torch.zeros(b, 0, dtype=torch.int64, device=self.device)
+        sampling = self.sampling(seqs, b)
+        out, acc = self._verify(seqs, sampling, logits, no_drafts, self.num_drafts[:b].zero_(), None)
+        step = StepOutput(b, out, acc, [0] * b, torch.cat(aux, dim=-1) if aux else None, sampling=sampling)
+        step.start_fetch(self.host_out)
+        return step
+
+    # --- verification ------------------------------------------------------------------------------
+    def _verify(self, seqs: list[Sequence], sampling: BatchSampling, logits: torch.Tensor, drafts: torch.Tensor,
+                num_drafts: torch.Tensor, proposal: Proposal | None):
+        rows = logits.shape[0]
         if sampling.all_greedy:
-            out, acc = verify_greedy(drafts, num_drafts, logits)
-        else:
-            target_probs = probs_from_logits(logits, sampling)
-            uniforms, noise = draw_verification_noise(b, k, logits.shape[-1], [s.generator for s in seqs],
-                                                      self.device)
-            draft_probs = proposal.draft_probs if proposal is not None else None
-            out, acc = verify_rejection(drafts, num_drafts, draft_probs, target_probs, uniforms, noise)
-        return out, acc, num_drafts_host
+            return verify_greedy(drafts, num_drafts, logits)
+        target_probs = probs_from_logits(logits, sampling)
+        generators = [s.generator for s in seqs] + [None] * (rows - len(seqs))
+        uniforms, noise = draw_verification_noise(rows, drafts.shape[1], logits.shape[-1], generators, self.device)
+        draft_probs = None
+        if proposal is not None and proposal.draft_probs is not None:
+            draft_probs = proposal.draft_probs
+            if draft_probs.shape[0] < rows:  # padding rows: any distribution will do
+                draft_probs = torch.cat([draft_probs, draft_probs[:1].expand(rows - draft_probs.shape[0],
+                                                                              *draft_probs.shape[1:])])
+            draft_probs = draft_probs[:rows]
+        return verify_rejection(drafts, num_drafts, draft_probs, target_probs, uniforms, noise)
+
+    def sampling(self, seqs: list[Sequence], rows: int) -> BatchSampling:
+        """The batch's sampling tensors, rebuilt only when its composition changes."""
+        key = (rows, tuple(s.seq_id for s in seqs))
+        if key != self._sampling_key:
+            self._sampling_key = key
+            self._sampling = BatchSampling.from_params([s.params for s in seqs], self.device, rows)
+        return self._sampling

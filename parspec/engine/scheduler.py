@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from parspec.engine.sequence import Sequence, Status
+from parspec.sequence import Sequence, Status
 from parspec.kv_cache import BlockManager
 
 

@@ -8,11 +8,13 @@ import os
 
 import torch
 
+from parspec.attention import AttentionMetadata
 from parspec.config import ConfigError, SpeculativeConfig
-from parspec.engine.metadata import build_attention_metadata
+from parspec.metadata import build_attention_metadata
 from parspec.loader import load_model
-from parspec.sampling import BatchSampling
-from parspec.spec.proposer import ModelProposer, Proposal, sample_drafts
+from parspec.spec.draft_inputs import slots_of
+from parspec.spec.proposer import AfterVerifyDrafter, TargetView, sample_drafts
+from parspec.transfer import to_device
 
 
 def _vocab_of(model_dir: str) -> dict | None:
@@ -37,47 +39,74 @@ def check_same_vocabulary(draft_dir: str, draft_vocab_size: int, target_dir: str
                           "speculation needs the same vocabulary")
 
 
-class DraftModelProposer(ModelProposer):
-    def __init__(self, spec: SpeculativeConfig, engine):
-        super().__init__(spec.num_speculative_tokens)
-        self.device, self.dtype = engine.device, engine.dtype
-        self.model, self.cfg = load_model(spec.model, engine.dtype, engine.device,
-                                          max_positions=engine.max_model_len + self.k + 1)
-        self.target_vocab = engine.model_config.vocab_size
-        check_same_vocabulary(spec.model, self.cfg.vocab_size, engine.cfg.model, self.target_vocab)
+class DraftModelProposer(AfterVerifyDrafter):
+    """Drafts right after each target step (``AfterVerifyDrafter``).
 
-    @torch.inference_mode()
-    def propose(self, seqs) -> Proposal:
-        b = len(seqs)
-        sampling = BatchSampling.from_params([s.params for s in seqs], self.device)
-        # Pass 1 catches each sequence's draft cache up with its verified tokens.
-        feeds = [s.token_ids[s.draft_state.get("cached", 0):] for s in seqs]
-        starts = [s.draft_state.get("cached", 0) for s in seqs]
-        tokens = torch.tensor([t for f in feeds for t in f], device=self.device)
+    Invariant: after drafting, the draft cache holds the verified tokens up to the newest
+    one, and speculatively drafts 1..K-1 at the positions after it. After a decode step
+    that fed ``[t, d1 .. dK]`` at ``base .. base+K`` and accepted ``a``, the cache is valid
+    below ``base + a`` (the accepted drafts were fed there speculatively), so pass 1 feeds
+    exactly two entries per sequence: fed token ``a`` at ``base + a`` (a harmless rewrite
+    unless ``a == K``) and the emitted token at ``base + a + 1``; passes 2..K feed one draft
+    each. Fixed shapes, so a greedy batch's drafting is one CUDA graph."""
+
+    staged = ("output_tokens", "num_accepted", "base_positions", "block_tables", "fed_tokens")
+
+    def __init__(self, spec: SpeculativeConfig, target: TargetView):
+        super().__init__(spec.num_speculative_tokens, target)
+        self.extra_slots = self.k  # pass K writes draft K-1 at base + a + K <= base + 2K
+        self.drafter_passes = self.k
+        self.max_positions = target.max_model_len + 2 * self.k + 2
+        self.model, self.cfg = load_model(spec.model, target.dtype, target.device, max_positions=self.max_positions)
+        self.target_vocab = target.config.vocab_size
+        check_same_vocabulary(spec.model, self.cfg.vocab_size, target.model_dir, self.target_vocab)
+
+    def prefill_drafts(self, seqs, step, sampling, generators):
+        """Pass 1 feeds the prompt's uncached tokens and the emitted one; metadata from the host."""
+        starts = [s.num_cached for s in seqs]
+        feeds = [s.token_ids[c:] + [0] for s, c in zip(seqs, starts)]  # the 0 becomes the emitted token
+        tokens = to_device([t for f in feeds for t in f], torch.int64, self.device)
+        ends = torch.tensor([len(f) for f in feeds]).cumsum(0) - 1
+        tokens[to_device(ends, torch.int64, self.device)] = step.output_tokens[:, 0]
+        positions, meta = build_attention_metadata([s.block_table for s in seqs], starts,
+                                                   [len(f) for f in feeds], self.block_size, self.device)
+        meta.max_seq_len = self.max_positions
+        last = meta.query_start_loc[1:].long() - 1
+        base = positions.index_select(0, last)
+        return self._passes(tokens, positions, meta, last, base, meta.block_tables, sampling, generators)
+
+    def decode_drafts(self, rows: int, sampling, generators):
+        fed = self.staged_input("fed_tokens", rows)
+        acc = self.staged_input("num_accepted", rows).long()
+        out = self.staged_input("output_tokens", rows)
+        tables = self.staged_input("block_tables", rows)
+        first = self.staged_input("base_positions", rows) + acc  # position of fed token a
+        positions = first[:, None] + torch.arange(2, device=self.device)
+        tokens = torch.stack([fed.gather(1, acc[:, None])[:, 0], out.gather(1, acc[:, None])[:, 0]], dim=1)
+        meta = AttentionMetadata(slot_mapping=slots_of(tables, positions, self.block_size).flatten(),
+                                 query_start_loc=self.query_starts(rows, 2), seq_lens=(first + 2).to(torch.int32),
+                                 block_tables=tables, max_query_len=2, max_seq_len=self.max_positions)
+        last = torch.arange(1, 2 * rows, 2, device=self.device)
+        return self._passes(tokens.flatten(), positions.flatten(), meta, last, first + 1, tables, sampling,
+                            generators)
+
+    def _passes(self, tokens, positions, meta, last, base, tables, sampling, generators):
+        """Pass 1 over the given entries (drafting from rows ``last``, at positions ``base``),
+        then K-1 passes of one entry per sequence."""
+        b = base.shape[0]
         drafts, probs = [], []
         for i in range(self.k):
-            q_lens = [len(f) for f in feeds] if i == 0 else [1] * b
-            positions, meta = build_attention_metadata([s.block_table for s in seqs], starts, q_lens,
-                                                       self.block_size, self.device)
+            if i:
+                pos = base + i
+                meta = AttentionMetadata(slot_mapping=slots_of(tables, pos[:, None], self.block_size)[:, 0],
+                                         query_start_loc=self.query_starts(b, 1), seq_lens=(pos + 1).to(torch.int32),
+                                         block_tables=tables, max_query_len=1, max_seq_len=self.max_positions)
+                tokens, positions, last = drafts[-1], pos, None
             hidden, _ = self.model(tokens, positions, meta)
-            last = meta.query_start_loc[1:].long() - 1
-            logits = self.model.compute_logits(hidden[last])
-            token, q = sample_drafts(logits, sampling, seqs)
+            logits = self.model.compute_logits(hidden if last is None else hidden.index_select(0, last))
+            token, q = sample_drafts(logits, sampling, generators)
             if q is not None and q.shape[-1] < self.target_vocab:  # q lives on the target's vocabulary
                 q = torch.nn.functional.pad(q, (0, self.target_vocab - q.shape[-1]))
             drafts.append(token)
             probs.append(q)
-            starts = [s + q for s, q in zip(starts, q_lens)]
-            tokens = token
-        for s, start in zip(seqs, starts):
-            s.draft_state["fed_until"] = start  # draft K/V now cover positions < start
-        return Proposal.full(torch.stack(drafts, dim=1), None if probs[0] is None else torch.stack(probs, dim=1),
-                             drafter_passes=self.k)
-
-    def observe(self, seqs, step, prefill: bool) -> None:
-        if prefill:
-            return
-        for seq, tokens in zip(seqs, step.tokens):
-            # Drafts that were accepted are already in the draft cache; the rest is stale.
-            old_len = len(seq)
-            seq.draft_state["cached"] = min(old_len + len(tokens) - 1, seq.draft_state.pop("fed_until"))
+        return torch.stack(drafts, dim=1), None if probs[0] is None else torch.stack(probs, dim=1)

@@ -44,11 +44,11 @@ from dataclasses import dataclass
 
 from parspec.attention import AttentionMetadata
 from parspec.config import ConfigError, ModelConfig, SpeculativeConfig
-from parspec.engine.metadata import build_attention_metadata
 from parspec.models.eagle3 import Eagle3Config, Eagle3Drafter, default_aux_layers, load_eagle3
-from parspec.sampling import BatchSampling
 from parspec.spec.draft_inputs import draft_inputs, slots_of
-from parspec.spec.proposer import ModelProposer, Proposal, sample_drafts
+from parspec.metadata import build_attention_metadata
+from parspec.spec.proposer import AfterVerifyDrafter, TargetView, sample_drafts
+from parspec.transfer import to_device
 
 MIN_LAYERS_FOR_DEFAULT_AUX = 4
 
@@ -124,92 +124,41 @@ class DraftPass:
     sample_rows: torch.Tensor  # [B, 1 + num_mask]: the last accepted entry, then the mask slots
 
 
-class Eagle3Proposer(ModelProposer):
-    def __init__(self, spec: SpeculativeConfig, engine):
-        super().__init__(spec.num_speculative_tokens)
-        self.device, self.dtype = engine.device, engine.dtype
+class Eagle3Proposer(AfterVerifyDrafter):
+    staged = ("output_tokens", "num_accepted", "base_positions", "block_tables", "aux_hidden")
+
+    def __init__(self, spec: SpeculativeConfig, target: TargetView):
+        super().__init__(spec.num_speculative_tokens, target)
         self.parallel = bool(spec.parallel_drafting)
         self.extra_slots = self.k - 1
-        target = engine.model_config
+        self.drafter_passes = 1 if self.parallel else self.k
         path = spec.model
         cfg = Eagle3Config.from_pretrained(path)  # LoadError when the directory is missing
-        self.aux_layers = resolve_aux_layers(cfg, target, path)
-        check_head_config(cfg, target, path, self.parallel)
-        self.model = load_eagle3(path, engine.dtype, engine.device, target_embedding=engine.model.model.embed_tokens,
-                                 max_positions=engine.max_model_len + 2 * self.k + 1)
+        self.aux_layers = resolve_aux_layers(cfg, target.config, path)
+        check_head_config(cfg, target.config, path, self.parallel)
+        self.max_positions = target.max_model_len + 2 * self.k + 1
+        self.model = load_eagle3(path, target.dtype, target.device, target_embedding=target.embed_tokens,
+                                 max_positions=self.max_positions)
         self.cfg = self.model.config
-        check_head_model(self.model, target, self.aux_layers, path, self.parallel)
+        check_head_model(self.model, target.config, self.aux_layers, path, self.parallel)
         self.mask_token_id = self.cfg.mask_token_id if self.parallel else None
         self.num_mask = self.k - 1 if self.parallel else 0
-        self.block_size = None
-        # Drafts waiting for the next step, per drafting batch: id -> [drafts, probs, live sequences].
-        self._ready: dict[int, list] = {}
-        self._next_batch = 0
-        self._query_starts: dict[tuple[int, int], torch.Tensor] = {}
 
-    # --- the next step's drafts are ready on the device -------------------------------------
-    def propose(self, seqs) -> Proposal:
-        where = []
-        for seq in seqs:
-            state = seq.draft_state
-            if "batch" not in state:
-                raise RuntimeError(f"sequence {seq.seq_id} reached the drafter without drafts "
-                                   "(after_verify() was not called after its last target step)")
-            where.append((state.pop("batch"), state.pop("row")))
-        batches = list(dict.fromkeys(b for b, _ in where))  # those referenced, in order
-        first = self._ready[batches[0]]
-        if len(batches) == 1 and first[0].shape[0] == len(seqs) and [r for _, r in where] == list(range(len(seqs))):
-            drafts, probs = first[0], first[1]
-        else:  # sequences drafted in different steps (prefills, then decodes), or some finished
-            offsets, at = {}, 0
-            for b in batches:
-                offsets[b] = at
-                at += self._ready[b][0].shape[0]
-            index = torch.tensor([offsets[b] + r for b, r in where], dtype=torch.int64).to(self.device,
-                                                                                          non_blocking=True)
-            drafts = torch.cat([self._ready[b][0] for b in batches]).index_select(0, index)
-            probs = None
-            if any(self._ready[b][1] is not None for b in batches):
-                vocab = self.cfg.vocab_size
-                probs = torch.cat([p if p is not None else torch.nn.functional.one_hot(d, vocab).float()
-                                   for d, p, _ in (self._ready[b] for b in batches)]).index_select(0, index)
-        self._ready.clear()  # every running sequence is in this step (or was released)
-        return Proposal.full(drafts, probs, 1 if self.parallel else self.k)
+    def prefill_drafts(self, seqs, step, sampling, generators):
+        return self._draft(self._prefill_pass(seqs, step), len(seqs), sampling, generators)
 
-    def release(self, seq) -> None:
-        """A finished or preempted sequence no longer needs its drafts; a batch of drafts
-        nobody needs is dropped (its q can be large)."""
-        b = seq.draft_state.get("batch")
-        if b in self._ready:
-            entry = self._ready[b]
-            entry[2] -= 1
-            if entry[2] == 0:
-                del self._ready[b]
-        super().release(seq)
+    def decode_drafts(self, rows: int, sampling, generators):
+        return self._draft(self._decode_pass(rows), rows, sampling, generators)
 
-    # --- drafting, right after the target step ----------------------------------------------
-    @torch.inference_mode()
-    def after_verify(self, seqs, step, prefill: bool) -> None:
-        if step.aux_hidden is None:
-            raise RuntimeError("EAGLE-3 drafting needs the target's aux hidden states; the runner returned none")
-        p = self._prefill_pass(seqs, step) if prefill else self._decode_pass(seqs, step)
-        sampling = BatchSampling.from_params([s.params for s in seqs], self.device)
+    def _draft(self, p: DraftPass, rows: int, sampling, generators):
         if self.parallel:
-            drafts, probs = self._choose(self._parallel_logits(seqs, p), sampling, seqs)
-        else:
-            drafts, probs = self._sequential(seqs, p, sampling)
-        batch = self._next_batch
-        self._next_batch += 1
-        self._ready[batch] = [drafts, probs, len(seqs)]
-        for i, seq in enumerate(seqs):
-            seq.draft_state.clear()
-            seq.draft_state.update(batch=batch, row=i)
+            return self._choose(self._parallel_logits(p, rows), sampling, generators)
+        return self._sequential(p, rows, sampling, generators)
 
     def _prefill_pass(self, seqs, step) -> DraftPass:
         """Entries num_cached .. n-1 per sequence, then the mask slots; metadata from the host."""
         starts = [s.num_cached for s in seqs]  # before the engine advances: where this prefill began
         real = [len(s) - c for s, c in zip(seqs, starts)]
-        self._check_room(seqs, [len(s) - 1 + self.k - 1 for s in seqs])
         q_lens = [n + self.num_mask for n in real]
         tokens, src, rows, emitted_at = [], [], [], []
         total_real = sum(real)
@@ -221,57 +170,42 @@ class Eagle3Proposer(ModelProposer):
             rows.append([out_off + n - 1 + j for j in range(1 + self.num_mask)])
             real_off += n
             out_off += n + self.num_mask
-        to_dev = lambda x: torch.tensor(x, dtype=torch.int64).to(self.device, non_blocking=True)  # noqa: E731
-        tokens = to_dev(tokens)
-        tokens[to_dev(emitted_at)] = step.output_tokens[:, 0]
+        tokens = to_device(tokens, torch.int64, self.device)
+        tokens[to_device(emitted_at, torch.int64, self.device)] = step.output_tokens[:, 0]
         feats = step.aux_hidden
         if self.num_mask:
             feats = torch.cat([feats, self.model.mask_hidden.to(feats.dtype)])
-        hidden = self.model.project(feats).index_select(0, to_dev(src))
+        hidden = self.model.project(feats).index_select(0, to_device(src, torch.int64, self.device))
         positions, meta = build_attention_metadata([s.block_table for s in seqs], starts, q_lens,
                                                    self.block_size, self.device)
-        return DraftPass(tokens, positions, hidden, meta, to_dev(rows))
+        meta.max_seq_len = self.max_positions
+        return DraftPass(tokens, positions, hidden, meta, to_device(rows, torch.int64, self.device))
 
-    def _decode_pass(self, seqs, step) -> DraftPass:
+    def _decode_pass(self, rows: int) -> DraftPass:
         """The padded layout of ``draft_inputs``, built on the device from what was accepted."""
-        b, k1 = step.output_tokens.shape
-        self._check_room(seqs, [len(s) - 1 + k1 - 1 + self.k - 1 for s in seqs])
-        base = step.positions.view(b, k1)[:, 0]
-        tables = step.meta.block_tables
-        inp = draft_inputs(step.output_tokens, step.num_accepted, base, tables, self.block_size, self.num_mask,
-                           self.mask_token_id or 0)
-        hidden = self.model.project(step.aux_hidden).view(b, k1, -1)
+        out = self.staged_input("output_tokens", rows)
+        k1 = out.shape[1]
+        tables = self.staged_input("block_tables", rows)
+        inp = draft_inputs(out, self.staged_input("num_accepted", rows), self.staged_input("base_positions", rows),
+                           tables, self.block_size, self.num_mask, self.mask_token_id or 0)
+        aux = self.staged_input("aux_hidden", rows)
+        hidden = self.model.project(aux).view(rows, k1, -1)
         if self.num_mask:
-            mask = self.model.project(self.model.mask_hidden.to(step.aux_hidden.dtype))
-            hidden = torch.cat([hidden, mask.expand(b, self.num_mask, -1)], dim=1)
+            mask = self.model.project(self.model.mask_hidden.to(aux.dtype))
+            hidden = torch.cat([hidden, mask.expand(rows, self.num_mask, -1)], dim=1)
         q = k1 + self.num_mask
-        meta = AttentionMetadata(slot_mapping=inp.slot_mapping, query_start_loc=self._starts(b, q),
+        meta = AttentionMetadata(slot_mapping=inp.slot_mapping, query_start_loc=self.query_starts(rows, q),
                                  seq_lens=inp.seq_lens, block_tables=tables, max_query_len=q,
-                                 max_seq_len=step.meta.max_seq_len + self.k, query_positions=inp.positions)
-        return DraftPass(inp.tokens, inp.positions, hidden.reshape(b * q, -1), meta,
-                         inp.sample_rows.view(b, 1 + self.num_mask))
+                                 max_seq_len=self.max_positions, query_positions=inp.positions)
+        return DraftPass(inp.tokens, inp.positions, hidden.reshape(rows * q, -1), meta,
+                         inp.sample_rows.view(rows, 1 + self.num_mask))
 
-    def _starts(self, b: int, q: int) -> torch.Tensor:
-        """query_start_loc of B sequences of q queries each (cached per shape)."""
-        key = (b, q)
-        if key not in self._query_starts:
-            self._query_starts[key] = torch.arange(0, (b + 1) * q, q, dtype=torch.int32, device=self.device)
-        return self._query_starts[key]
-
-    def _check_room(self, seqs, last_positions: list[int]) -> None:
-        """Host-side bound: the furthest position this step's drafting may write."""
-        for seq, last in zip(seqs, last_positions):
-            if last >= len(seq.block_table) * self.block_size:
-                raise RuntimeError(f"sequence {seq.seq_id}: the drafter may write position {last} but its block "
-                                   f"table holds {len(seq.block_table) * self.block_size} slots")
-
-    def _choose(self, logits: torch.Tensor, sampling: BatchSampling, seqs):
+    def _choose(self, logits: torch.Tensor, sampling, generators):
         """Draft logits [B, n, Vd] -> target-vocabulary drafts [B, n] and q [B, n, V] (None if all greedy)."""
-        draft_ids, q = sample_drafts(logits, sampling, seqs)  # over the draft vocabulary
+        draft_ids, q = sample_drafts(logits, sampling, generators)  # over the draft vocabulary
         return self.model.draft_to_target(draft_ids), None if q is None else self.model.scatter_to_target(q)
 
-    def _sequential(self, seqs, p: DraftPass, sampling):
-        b = len(seqs)
+    def _sequential(self, p: DraftPass, b: int, sampling, generators):
         normed, prenorm = self.model(p.tokens, p.positions, p.hidden, p.meta)
         last = p.sample_rows[:, 0]
         normed, prenorm = normed.index_select(0, last), prenorm.index_select(0, last)
@@ -282,19 +216,19 @@ class Eagle3Proposer(ModelProposer):
             if i:
                 pos = base + i
                 slots = slots_of(tables, pos[:, None], self.block_size)[:, 0]
-                meta = AttentionMetadata(slot_mapping=slots, query_start_loc=self._starts(b, 1),
+                meta = AttentionMetadata(slot_mapping=slots, query_start_loc=self.query_starts(b, 1),
                                          seq_lens=(pos + 1).to(torch.int32), block_tables=tables, max_query_len=1,
-                                         max_seq_len=p.meta.max_seq_len + self.k)
+                                         max_seq_len=self.max_positions)
                 normed, prenorm = self.model(token, pos, prenorm, meta)
-            token, q = self._choose(self.model.compute_logits(normed)[:, None], sampling, seqs)
+            token, q = self._choose(self.model.compute_logits(normed)[:, None], sampling, generators)
             token = token[:, 0]
             drafts.append(token)
             probs.append(None if q is None else q[:, 0])
         draft_probs = None if probs[0] is None else torch.stack(probs, dim=1)
         return torch.stack(drafts, dim=1), draft_probs
 
-    def _parallel_logits(self, seqs, p: DraftPass) -> torch.Tensor:
+    def _parallel_logits(self, p: DraftPass, rows: int) -> torch.Tensor:
         """One pass over the new entries + K-1 mask slots per sequence; draft logits [B, K, Vd]."""
         normed, _ = self.model(p.tokens, p.positions, p.hidden, p.meta)
         logits = self.model.compute_logits(normed.index_select(0, p.sample_rows.flatten()))
-        return logits.view(len(seqs), self.k, -1)
+        return logits.view(rows, self.k, -1)
