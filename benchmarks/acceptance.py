@@ -12,10 +12,7 @@ tokens, so the dtype is recorded."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -23,45 +20,16 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run as a script from anywhere, without installing the package
-FIX = os.path.join(REPO, "fixtures", "reference")
+from parspec.bench.harness import REFERENCE_PAIR as FIX, ModelPair, read_prompts, spec_config  # noqa: E402
+from parspec.bench.report import device_name, git_commit, save_result  # noqa: E402,F401
+
 # The reference result this project aims at (P-EAGLE paper, Llama-3.1-8B, HumanEval).
 SEED_REFERENCE = {"K=3": 3.02, "K=7": 3.94}
 
 
-def git_commit() -> str:
-    # PARSPEC_COMMIT first: on the device the tree is re-sent each call while a .git there can
-    # be stale (a warm machine kept the first call's), so git would name the wrong commit.
-    if os.environ.get("PARSPEC_COMMIT"):
-        return os.environ["PARSPEC_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "-C", REPO, "rev-parse", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def read_prompts(path: str, num: int) -> list[str]:
-    """The first ``num`` prompts of a JSONL file of {"prompt": ...} objects."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line)["prompt"] for line in f if line.strip()][:num]
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} threads)"
-
-
 def methods(args) -> dict:
-    out = {
-        "ngram": lambda k: {"method": "ngram", "num_speculative_tokens": k},
-        "draft_model": lambda k: {"method": "draft_model", "model": os.path.join(FIX, "draft"),
-                                  "num_speculative_tokens": k},
-        "eagle3": lambda k: {"method": "eagle3", "model": os.path.join(FIX, "eagle3"), "num_speculative_tokens": k},
-        "p-eagle": lambda k: {"method": "eagle3", "model": os.path.join(FIX, "p-eagle"),
-                              "num_speculative_tokens": k, "parallel_drafting": True},
-    }
-    return {name: out[name] for name in args.methods}
+    pair = ModelPair.under(FIX)
+    return {name: (lambda k, name=name: spec_config(name, k, pair)) for name in args.methods}
 
 
 def main(argv=None) -> int:
@@ -118,14 +86,6 @@ def main(argv=None) -> int:
     }
     save_result(record, args.out, plot)
     return 0
-
-
-def save_result(record: dict, out: str, plot_fn) -> None:
-    """The JSON record, and its plot as a PNG beside it."""
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(record, f, indent=2)
-    plot_fn(record, os.path.splitext(out)[0] + ".png")
 
 
 def plot(record: dict, path: str) -> None:

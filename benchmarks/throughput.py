@@ -26,6 +26,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from acceptance import FIX, device_name, git_commit, read_prompts, save_result  # noqa: E402
 
+from parspec.bench.peers import hf_generate  # noqa: E402
+
 TARGET = os.path.join(FIX, "target")
 
 
@@ -78,30 +80,12 @@ def bench_parspec(spec, prompts, batch, max_tokens, dtype, device, repeats: int)
 
 
 def bench_hf(prompts, max_tokens, dtype, device, assistant: bool) -> dict:
-    import transformers
+    from parspec.tokenizer import Tokenizer
 
-    tdtype = getattr(torch, dtype)
-    tok = transformers.AutoTokenizer.from_pretrained(TARGET)
-    model = transformers.AutoModelForCausalLM.from_pretrained(TARGET, dtype=tdtype).to(device).eval()
-    draft = (transformers.AutoModelForCausalLM.from_pretrained(os.path.join(FIX, "draft"), dtype=tdtype)
-             .to(device).eval() if assistant else None)
-
-    def run(p):
-        ids = torch.tensor([tok.encode(p)], device=device)
-        kw = dict(max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
-        if draft is not None:
-            kw["assistant_model"] = draft
-        with torch.inference_mode():
-            return model.generate(ids, **kw)[0, ids.shape[1]:].tolist()
-
-    run(prompts[0])
-    sync()
-    start = time.perf_counter()
-    outs = [run(p) for p in prompts]
-    sync()
-    elapsed = time.perf_counter() - start
-    tokens = sum(len(o) for o in outs)
-    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed}
+    tok = Tokenizer(TARGET)
+    ids = [tok.encode(p) for p in prompts]
+    r = hf_generate(TARGET, ids, max_tokens, dtype, device, assistant_dir=os.path.join(FIX, "draft") if assistant else None)
+    return {k: r[k] for k in ("tokens", "seconds", "tokens_per_s")}
 
 
 def step_floor_us(dtype: str, batch: int, context: int) -> float:

@@ -1,9 +1,10 @@
-"""`parspec generate | demo | ...`: argparse front end over the offline API."""
+"""`parspec generate | demo | bench | ...`: argparse front end over the offline API."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -22,11 +23,16 @@ def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> 
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=None, help="sampling seed per request")
+    add_enforce_eager_arg(p)
+
+
+def add_enforce_eager_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--enforce-eager", action="store_true", help="run eagerly: no CUDA graphs")
 
 
 def engine_kwargs(args) -> dict:
     return dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                max_num_seqs=args.max_num_seqs, block_size=args.block_size)
+                max_num_seqs=args.max_num_seqs, block_size=args.block_size, enforce_eager=args.enforce_eager)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -55,8 +61,10 @@ def print_stats(llm, outputs, elapsed: float, file=sys.stdout) -> None:
         print(f"-- speculation ({engine.spec_config.method}, K={engine.spec_config.num_speculative_tokens}): "
               f"acceptance length {s.acceptance_length:.2f} tokens/step over {s.num_steps} steps; "
               f"acceptance rate per draft position [{rates}]", file=file)
-        print(f"-- draft time {engine.step_times['draft']:.2f}s, target+verify time "
-              f"{engine.step_times['verify']:.2f}s", file=file)
+        phases = engine.step_events.totals() if getattr(engine, "step_events", None) is not None else None
+        if phases and phases["steps"]:
+            print(f"-- draft time {phases['draft_ms'] / 1e3:.2f}s, target+verify time "
+                  f"{phases['verify_ms'] / 1e3:.2f}s over {phases['steps']} steps", file=file)
 
 
 def cmd_generate(args) -> int:
@@ -78,6 +86,10 @@ def cmd_generate(args) -> int:
         tok = llm.get_tokenizer()
         prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
     params = sampling_params(args)
+    if llm.engine.proposer is not None:
+        from parspec.engine.timing import StepEvents
+
+        llm.engine.step_events = StepEvents(llm.engine.device)  # draft vs verify time, on the device
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1)
     elapsed = time.perf_counter() - start
@@ -100,10 +112,75 @@ def cmd_demo(args) -> int:
     return run_demo(args)
 
 
+def cmd_bench(args) -> int:
+    from parspec.bench import harness, report
+
+    pair_root = args.pair
+    expansion = None
+    if args.expand:
+        if not args.expand_dir:
+            raise ConfigError("--expand needs --expand-dir, the directory to write the expanded pair to")
+        dtype = "bfloat16" if args.dtype == "auto" else args.dtype
+        pair, expansion = harness.expanded_pair(pair_root, args.expand_dir, args.expand, dtype)
+        label = f"reference pair expanded to {args.expand} shape ({args.expand_dir})"
+    else:
+        pair = harness.ModelPair.under(pair_root)
+        label = f"model pair in {pair_root}"
+    peers = [p for p in (args.peers or "").split(",") if p]
+    cfg = harness.BenchConfig(
+        pair=pair, methods=args.methods, ks=args.ks, concurrency=args.concurrency, prompts=args.prompts,
+        num_prompts=args.num_prompts, max_tokens=args.max_tokens, repeats=args.repeats, dtype=args.dtype,
+        device=args.device, enforce_eager=args.enforce_eager, max_model_len=args.max_model_len, peers=peers,
+        peer_prompts=args.peer_prompts, peer_k=args.peer_k, gpt_fast_dir=args.gpt_fast,
+        gpt_fast_compile=args.gpt_fast_compile, model_label=label, expansion=expansion)
+    record = harness.run_bench(cfg, out=args.out, progress=not args.no_progress)
+    bw = record["bandwidth"]["bytes_per_s"]
+    print(f"parspec bench: {record['model_label']}, {record['parameters'].get('resolved_dtype')}, "
+          f"{record['device']}, commit {record['commit'][:12]}, copy bandwidth "
+          f"{f'{bw / 1e12:.2f} TB/s' if bw else 'not measured'}")
+    print(report.summary_table(record))
+    if args.out:
+        print(f"-- wrote {args.out} and {', '.join(record.get('plots', []))}")
+    failed = [c for c in record["cells"] if c.get("error")]
+    return 1 if failed else 0
+
+
 def cmd_train_drafter(args) -> int:
     from parspec.train.cli import run
 
     return run(args)
+
+
+def add_bench_args(b: argparse.ArgumentParser) -> None:
+    from parspec.bench.harness import DEFAULT_PROMPTS, METHODS, PEERS, REFERENCE_PAIR, REPO
+
+    b.add_argument("--pair", default=REFERENCE_PAIR, help="directory holding target/, draft/, eagle3/, p-eagle/")
+    b.add_argument("--expand", choices=("8b", "tiny"), default=None,
+                   help="benchmark the pair expanded to this shape (written to --expand-dir, reused if there)")
+    b.add_argument("--expand-dir", default=None)
+    b.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                   help="no-spec always runs first: it is the baseline")
+    b.add_argument("--ks", type=int, nargs="+", default=list(range(1, 9)), help="num_speculative_tokens values")
+    b.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64],
+                   help="max_num_seqs values; each feeds max(--num-prompts, concurrency) prompts")
+    b.add_argument("--prompts", default=DEFAULT_PROMPTS, help='JSONL file of {"prompt": ...} objects')
+    b.add_argument("--num-prompts", type=int, default=16)
+    b.add_argument("--max-tokens", type=int, default=256)
+    b.add_argument("--repeats", type=int, default=3, help="timed runs per cell after the warm-up (median reported)")
+    b.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    b.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    b.add_argument("--max-model-len", type=int, default=None, help="default: longest prompt + max tokens")
+    add_enforce_eager_arg(b)
+    b.add_argument("--peers", default="", help=f"comma-separated: {','.join(PEERS)} (batch 1, --peer-prompts)")
+    b.add_argument("--peer-prompts", type=int, default=4)
+    b.add_argument("--peer-k", type=int, default=5, help="drafts per step of the speculative peers")
+    b.add_argument("--gpt-fast", default=os.path.join(REPO, ".peers", "gpt-fast"),
+                   help="a gpt-fast source checkout (model.py, generate.py)")
+    b.add_argument("--gpt-fast-compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch.compile gpt-fast's decode step as its main() does")
+    b.add_argument("--out", default=None, help="JSON record; PNG plots are written beside it")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(func=cmd_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--num-prompts", type=int, default=3)
     d.add_argument("--device", default="cpu")
     d.set_defaults(func=cmd_demo)
+
+    add_bench_args(sub.add_parser("bench", help="benchmark matrix: methods x K x concurrency, peers, roofline"))
 
     from parspec.train.cli import add_arguments as add_train_drafter_args
 
