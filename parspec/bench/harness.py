@@ -410,11 +410,15 @@ class Bench:
                 self.record["parameters"].get("resolved_dtype", "float32"), self.device,
                 gpt_fast_dir=cfg.gpt_fast_dir, gpt_fast_compile=cfg.gpt_fast_compile,
                 reference=reference[:n] if reference else None, baseline_tps=self.baseline_tps.get(1),
-                log=self.log)
+                log=self.log, on_result=self._save_peers)
             _free(self.device)
         self.record["wall_s"] = time.time() - started
         self._save(plots=True)
         return self.record
+
+    def _save_peers(self, peers: dict) -> None:
+        self.record["peers"] = peers
+        self._save()
 
     def _save(self, plots: bool = False) -> None:
         if not self.out:

@@ -326,9 +326,11 @@ def gpt_fast_bench(src_dir: str, target_dir: str, draft_dir: str, prompt_ids: li
 # --- all peers ---------------------------------------------------------------------------
 def run_peers(names, pair, prompt_ids: list[list[int]], max_tokens: int, k: int, dtype: str, device, *,
               gpt_fast_dir: str | None = None, gpt_fast_compile: bool = True,
-              reference: list[list[int]] | None = None, baseline_tps: float | None = None, log=print) -> dict:
+              reference: list[list[int]] | None = None, baseline_tps: float | None = None, log=print,
+              on_result=None) -> dict:
     """Every requested peer; each entry is its figures or {"error": ...}. ``reference`` (parspec
-    without speculation at concurrency 1, the same prompts) gives each a greedy mismatch rate."""
+    without speculation at concurrency 1, the same prompts) gives each a greedy mismatch rate.
+    ``on_result(peers)`` is called after each peer, so a run cut short keeps what finished."""
     runs = {}
     if "hf" in names:
         runs["hf_generate"] = lambda: hf_generate(pair.target, prompt_ids, max_tokens, dtype, device)
@@ -351,13 +353,15 @@ def run_peers(names, pair, prompt_ids: list[list[int]], max_tokens: int, k: int,
             peers[name] = {"error": error_text(e)}
             log(f"bench: peer {name} failed: {peers[name]['error']}")
         _free(torch.device(device))
-    for p in peers.values():
-        outputs = p.pop("outputs", None)
-        if "error" in p:
-            continue
-        p["speedup_vs_no_spec"] = p["tokens_per_s"] / baseline_tps if baseline_tps else None
-        if reference is not None and outputs is not None:
-            differ = [i for i, (a, b) in enumerate(zip(outputs, reference)) if a != b]
-            p["mismatch_rate_vs_no_spec"] = len(differ) / len(outputs)
-            p["mismatched_prompts"] = differ
+        for p in peers.values():
+            outputs = p.pop("outputs", None)
+            if "error" in p or "speedup_vs_no_spec" in p:
+                continue
+            p["speedup_vs_no_spec"] = p["tokens_per_s"] / baseline_tps if baseline_tps else None
+            if reference is not None and outputs is not None:
+                differ = [i for i, (a, b) in enumerate(zip(outputs, reference)) if a != b]
+                p["mismatch_rate_vs_no_spec"] = len(differ) / len(outputs)
+                p["mismatched_prompts"] = differ
+        if on_result is not None:
+            on_result(peers)
     return peers
