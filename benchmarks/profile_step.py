@@ -37,11 +37,13 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--no-async", action="store_true", help="read each step before launching the next")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     spec = json.loads(args.spec) if args.spec else None
     llm = LLM(args.target, dtype="bfloat16", device="cuda", max_num_seqs=args.batch, max_model_len=2048,
-              speculative_config=spec, enforce_eager=args.enforce_eager, skip_tokenizer_init=True)
+              speculative_config=spec, enforce_eager=args.enforce_eager, skip_tokenizer_init=True,
+              async_scheduling=False if args.no_async else None)
     engine = llm.engine
     vocab = engine.model_config.vocab_size
     gen = torch.Generator().manual_seed(0)
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
     s = engine.stats
     record = {
         "target": args.target, "spec": spec, "batch": args.batch, "context": args.context,
-        "enforce_eager": args.enforce_eager, "device": torch.cuda.get_device_name(),
+        "enforce_eager": args.enforce_eager, "async_scheduling": engine.async_scheduling, "device": torch.cuda.get_device_name(),
         "commit": os.environ.get("PARSPEC_COMMIT"), "torch": torch.__version__,
         "step_ms_median": med, "step_ms_all": step_ms, "host_ms_median": statistics.median(host) * 1e3,
         "kernels_per_step": len(kernels) / prof_steps, "gpu_ms_per_step": gpu_us / 1e3,

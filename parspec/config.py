@@ -227,6 +227,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.85
     kv_cache_memory_bytes: int | None = None
     enforce_eager: bool = False
+    async_scheduling: bool | None = None  # launch a decode step before reading the last; None: on with CUDA graphs
     seed: int = 0
     skip_tokenizer_init: bool = False
 

@@ -87,6 +87,7 @@ class Sequence:
         self.params = params
         self.status = Status.WAITING
         self.num_cached = 0  # leading tokens whose K/V are in the cache
+        self.inflight = 0  # tokens a launched, not yet read step may still add (an upper bound)
         self.block_table: list[int] = []
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         self.finish_reason: str | None = None

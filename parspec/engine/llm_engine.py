@@ -54,6 +54,9 @@ class LLMEngine:
         aux = self.proposer.aux_layers if self.proposer else ()
         extra = self.proposer.extra_slots if self.proposer else 0
         self.drafter_slots = extra
+        self.k = k
+        self.async_scheduling = use_graphs if cfg.async_scheduling is None else cfg.async_scheduling
+        self._inflight: tuple[list[Sequence], StepOutput, bool] | None = None  # launched, not yet read
         self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=cfg.block_size, device=self.device,
                                   dtype=self.dtype, aux_layers=aux, max_num_seqs=cfg.max_num_seqs,
                                   num_query_tokens=k + 1, max_positions=self.max_model_len + k + extra + 1,
@@ -144,10 +147,30 @@ class LLMEngine:
 
     # --- the loop -----------------------------------------------------------------------
     def step(self) -> list[Sequence]:
-        """Schedule -> draft -> one target forward + verify -> advance. Returns finished sequences."""
+        """Schedule -> draft -> one target forward + verify -> advance. Returns finished sequences.
+
+        With asynchronous scheduling a steady decode step is launched from the previous step's
+        result ON THE DEVICE (next positions and last tokens are computed there), before the
+        host reads that result, so the host's bookkeeping overlaps the GPU's work; the step
+        then stays in flight until the next call. Anything else (a prefill, a change of the
+        running set, a sequence near its length limit) drains it first and runs as before."""
+        finished = []
+        if self._inflight is not None:
+            if self._may_continue():
+                return self._continue()
+            finished = self._complete(*self._inflight)
+            self._inflight = None
         seqs, prefill = self.scheduler.schedule()
         if not seqs:
-            return []
+            return finished
+        out = self._launch(seqs, prefill, None)
+        if not prefill and self._may_overlap(seqs):
+            self._inflight = (seqs, out, prefill)
+            return finished
+        return finished + self._complete(seqs, out, prefill)
+
+    def _launch(self, seqs: list[Sequence], prefill: bool, previous: StepOutput | None) -> StepOutput:
+        """Draft, run the target and verify, all queued on the device; nothing is read back."""
         mark = self.step_events.mark if self.step_events is not None and not prefill else _no_mark
         mark("begin")
         proposal = None if prefill or self.proposer is None else self.proposer.propose(seqs)
@@ -155,23 +178,67 @@ class LLMEngine:
         if proposal is not None:
             self.drafter_passes += proposal.drafter_passes
             self.draft_steps += 1
-        out = self.runner.step(seqs, prefill, proposal)  # one target forward + verification, on device
+        out = self.runner.step(seqs, prefill, proposal, previous)  # one target forward + verification
         mark("verified")
         if self.proposer:
-            self.proposer.after_verify(seqs, out, prefill)  # EAGLE-3 drafts the next step here
+            self.proposer.after_verify(seqs, out, prefill)  # EAGLE-3 and the draft LM draft the next step here
         mark("end")
+        if not prefill:
+            for seq in seqs:
+                seq.inflight += self.k + 1  # at most this many tokens arrive when the step is read
+        return out
+
+    def _complete(self, seqs: list[Sequence], out: StepOutput, prefill: bool) -> list[Sequence]:
         out.fetch()  # the step's one host synchronisation
+        if not prefill:
+            for seq in seqs:
+                seq.inflight -= self.k + 1
+        live = [i for i, s in enumerate(seqs) if s.status != Status.FINISHED]  # finished while it ran
+        if len(live) < len(seqs):
+            seqs = [seqs[i] for i in live]
+            out.tokens = [out.tokens[i] for i in live]
+            out.num_drafts = [out.num_drafts[i] for i in live]
         if self.proposer:
             self.proposer.observe(seqs, out, prefill)
         return self._advance(seqs, out, prefill)
+
+    def _may_overlap(self, seqs: list[Sequence]) -> bool:
+        """Whether the next step may be launched before this one is read: decode steps whose
+        drafts live on the device, nobody waiting, and no sequence near max_model_len (a step
+        launched past a finished sequence must stay inside its tables)."""
+        if not self.async_scheduling or self.scheduler.waiting:
+            return False
+        if self.proposer is not None and not self.proposer.drafts_on_device:
+            return False
+        room = 2 * (self.k + 1) + self.drafter_slots
+        return all(len(s) + s.inflight + room <= self.max_model_len for s in seqs)
+
+    def _may_continue(self) -> bool:
+        seqs = self._inflight[0]
+        if self._inflight[2] or [s for s in seqs if s.status != Status.FINISHED] != list(self.scheduler.running):
+            return False
+        if any(s.status == Status.FINISHED for s in seqs) or not self._may_overlap(seqs):
+            return False
+        return all(self.blocks.can_grow(s.block_table, len(s) + s.inflight + self.scheduler.lookahead) for s in seqs)
+
+    def _continue(self) -> list[Sequence]:
+        """Launch the next step from the in-flight one's device result, then read that result."""
+        prev_seqs, prev_out, _ = self._inflight
+        seqs, prefill = self.scheduler.schedule()
+        assert not prefill and seqs == prev_seqs, "the scheduler changed a batch the engine checked"
+        out = self._launch(seqs, False, prev_out)
+        finished = self._complete(prev_seqs, prev_out, False)
+        self._inflight = (seqs, out, False) if len(finished) < len(seqs) else None
+        return finished
 
     def _advance(self, seqs: list[Sequence], out: StepOutput, prefill: bool) -> list[Sequence]:
         finished = []
         now = time.perf_counter()
         for seq, tokens, num_drafts in zip(seqs, out.tokens, out.num_drafts):
             seq.num_cached = len(seq) - 1 + len(tokens)  # fed tokens, accepted drafts included
-            # Roll back rejected slots; keep what the drafter wrote past them for the next step.
-            self.blocks.shrink(seq.seq_id, seq.block_table, seq.num_cached + self.drafter_slots)
+            if not seq.inflight:  # a step still in flight reads and writes past this one's end
+                # Roll back rejected slots; keep what the drafter wrote past them for the next step.
+                self.blocks.shrink(seq.seq_id, seq.block_table, seq.num_cached + self.drafter_slots)
             if not prefill:
                 seq.spec.record(num_drafts, len(tokens) - 1)
                 self.stats.record(num_drafts, len(tokens) - 1)
@@ -234,6 +301,10 @@ class LLMEngine:
         return self.drafter_passes / self.draft_steps if self.draft_steps else 0.0
 
     def abort_all(self) -> None:
+        if self._inflight is not None:  # its device work is queued before anything that reuses the blocks
+            for seq in self._inflight[0]:
+                seq.inflight = 0
+            self._inflight = None
         for seq in list(self.scheduler.running):
             self.scheduler.finish(seq)
             self._release_draft_state(seq)

@@ -42,9 +42,10 @@ class ModelRunner:
         # On the GPU a batch is padded to a bucket (one graph each); on the CPU it runs as is.
         self.buckets = batch_buckets(max_num_seqs) if cuda else list(range(1, max_num_seqs + 1))
         bmax = self.buckets[-1]
-        self.host_inputs = pinned((2, bmax), torch.int64, device)  # last tokens; base positions
-        self.host_tables = pinned((bmax, self.width), torch.int32, device)
-        self.host_out = pinned(bmax * (self.q + 1), torch.int64, device)
+        self.host_inputs = pinned((2, 2, bmax), torch.int64, device)  # x2: last tokens; base positions
+        self.host_tables = pinned((2, bmax, self.width), torch.int32, device)
+        self.host_out = pinned((2, bmax * (self.q + 1)), torch.int64, device)
+        self._parity = self._out_parity = 0
         self.inputs = torch.zeros(2, bmax, dtype=torch.int64, device=device)
         self.input_ids = torch.zeros(bmax, self.q, dtype=torch.int64, device=device)
         self.block_tables = torch.full((bmax, self.width), self.pad_block, dtype=torch.int32, device=device)
@@ -57,23 +58,35 @@ class ModelRunner:
         return bucket_for(num_seqs, self.buckets)
 
     @torch.inference_mode()
-    def step(self, seqs: list[Sequence], prefill: bool, proposal: Proposal | None) -> StepOutput:
-        return self._prefill(seqs) if prefill else self._decode(seqs, proposal)
+    def step(self, seqs: list[Sequence], prefill: bool, proposal: Proposal | None,
+             previous: StepOutput | None = None) -> StepOutput:
+        """``previous``: the same batch's last decode step, not yet read by the host; this step's
+        positions and last tokens are then derived from its result on the device."""
+        return self._prefill(seqs) if prefill else self._decode(seqs, proposal, previous)
 
     # --- decode / verify ---------------------------------------------------------------------
-    def _decode(self, seqs: list[Sequence], proposal: Proposal | None) -> StepOutput:
+    def _decode(self, seqs: list[Sequence], proposal: Proposal | None, previous: StepOutput | None) -> StepOutput:
         b = len(seqs)
         rows = self.bucket(b)
-        inputs = self.host_inputs.numpy()
-        inputs[:, b:rows] = 0
-        inputs[0, :b] = [s.last_token for s in seqs]
-        inputs[1, :b] = [len(s) - 1 for s in seqs]
-        tables = self.host_tables.numpy()
+        # Two sets of staging buffers: the previous step's copies may still be queued behind its work.
+        self._parity ^= 1
+        host_inputs, host_tables = self.host_inputs[self._parity], self.host_tables[self._parity]
+        tables = host_tables.numpy()
         tables[:rows] = self.pad_block
         for i, s in enumerate(seqs):
             tables[i, :len(s.block_table)] = s.block_table
-        self.inputs[:, :rows].copy_(self.host_inputs[:, :rows], non_blocking=True)
-        self.block_tables[:rows].copy_(self.host_tables[:rows], non_blocking=True)
+        self.block_tables[:rows].copy_(host_tables[:rows], non_blocking=True)
+        if previous is None:
+            inputs = host_inputs.numpy()
+            inputs[:, b:rows] = 0
+            inputs[0, :b] = [s.last_token for s in seqs]
+            inputs[1, :b] = [len(s) - 1 for s in seqs]
+            self.inputs[:, :rows].copy_(host_inputs[:, :rows], non_blocking=True)
+        else:  # the previous step fed base .. base+K and accepted acc: continue from base + acc + 1
+            acc = previous.num_accepted[:b].long()
+            self.inputs[1, :b] += acc + 1
+            self.inputs[0, :b] = previous.output_tokens[:b].gather(1, acc[:, None])[:, 0]
+            self.inputs[:, b:rows] = 0
         self.input_ids[:rows, 0].copy_(self.inputs[0, :rows])
         if proposal is not None:
             self.input_ids[:b, 1:].copy_(proposal.draft_tokens[:b])
@@ -85,8 +98,13 @@ class ModelRunner:
         step = StepOutput(b, out, acc, proposal.num_drafts_host[:b] if proposal is not None else [0] * b, aux,
                           base_positions=self.inputs[1, :rows], block_tables=self.block_tables[:rows],
                           fed_tokens=self.input_ids[:rows], sampling=sampling)
-        step.start_fetch(self.host_out)
+        step.start_fetch(self._host_out())
         return step
+
+    def _host_out(self) -> torch.Tensor:
+        """Pinned result buffers, alternating: an unread step's result may still be in the other."""
+        self._out_parity ^= 1
+        return self.host_out[self._out_parity]
 
     def _decode_forward(self, rows: int):
         """Static buffers -> logits [rows, Q, V] and aux features; captured per bucket."""
@@ -110,7 +128,7 @@ class ModelRunner:
         sampling = self.sampling(seqs, b)
         out, acc = self._verify(seqs, sampling, logits, no_drafts, self.num_drafts[:b].zero_(), None)
         step = StepOutput(b, out, acc, [0] * b, torch.cat(aux, dim=-1) if aux else None, sampling=sampling)
-        step.start_fetch(self.host_out)
+        step.start_fetch(self._host_out())
         return step
 
     # --- verification ------------------------------------------------------------------------------

@@ -58,13 +58,13 @@ class Scheduler:
             seq = self.running.popleft()
             # The step feeds the last token and K drafts: positions len-1 .. len-1+K (and the
             # drafter may write up to lookahead - K further).
-            while not self.blocks.can_grow(seq.block_table, len(seq) + self.lookahead):
+            while not self.blocks.can_grow(seq.block_table, len(seq) + seq.inflight + self.lookahead):
                 victim = self.running.pop() if self.running else seq
                 self.preempt(victim)
                 if victim is seq:
                     break
             else:
-                self.blocks.grow(seq.seq_id, seq.block_table, len(seq) + self.lookahead)
+                self.blocks.grow(seq.seq_id, seq.block_table, len(seq) + seq.inflight + self.lookahead)
                 scheduled.append(seq)
         self.running.extend(scheduled)
         return scheduled, False

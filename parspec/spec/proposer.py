@@ -66,6 +66,9 @@ class Proposer:
     aux_layers: tuple[int, ...] = ()
     # KV slots the proposer writes past what the target's step holds (prefill or decode).
     extra_slots: int = 0
+    # Drafts are made on the device from the step's result (the engine may then launch the
+    # next step before reading this one); False when drafting needs the host's tokens.
+    drafts_on_device: bool = False
 
     def __init__(self, num_speculative_tokens: int):
         self.k = num_speculative_tokens
@@ -126,6 +129,7 @@ class AfterVerifyDrafter(ModelProposer):
 
     staged: tuple[str, ...] = ()
     drafter_passes: int = 1
+    drafts_on_device = True
 
     def __init__(self, num_speculative_tokens: int, target: TargetView):
         super().__init__(num_speculative_tokens)
@@ -195,7 +199,7 @@ class AfterVerifyDrafter(ModelProposer):
         sampling = step.sampling
         fed = step.output_tokens.shape[1]  # tokens the step fed per sequence (1 for a prefill)
         for seq in seqs:  # the furthest position this drafting may write must be in the block table
-            last = len(seq) - 1 + fed - 1 + self.extra_slots
+            last = len(seq) + seq.inflight - 1 + fed - 1 + self.extra_slots
             if last >= len(seq.block_table) * self.block_size:
                 raise RuntimeError(f"sequence {seq.seq_id}: the drafter may write position {last} but its block "
                                    f"table holds {len(seq.block_table) * self.block_size} slots")

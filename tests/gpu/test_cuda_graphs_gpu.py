@@ -87,3 +87,20 @@ def test_decode_step_has_no_hidden_host_sync(method):
     assert syncs == [], syncs
     while engine.has_unfinished_requests():
         engine.step()
+
+
+@pytest.mark.parametrize("method", ["no-spec", "draft_model", "p-eagle"])
+def test_async_scheduling_changes_nothing_on_gpu(method):
+    """Graphs on, the next step launched before the last is read (default) or not."""
+    from parspec import LLM, SamplingParams
+
+    spec = None if method == "no-spec" else SPECS[method]
+    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    outs = {}
+    for flag in (False, True):
+        llm = LLM(TARGET, dtype="bfloat16", device="cuda", speculative_config=spec, async_scheduling=flag,
+                  max_num_seqs=4, max_model_len=1024)
+        outs[flag] = [o.outputs[0].token_ids for o in llm.generate(_prompts(6), params, use_tqdm=False)]
+        assert llm.engine.async_scheduling is flag
+        assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
+    assert outs[True] == outs[False]
