@@ -166,9 +166,9 @@ def test_write_kv_exact(src_dtype, cache_dtype):
 
 
 def test_timing_table(capsys):
-    """Per-call time of decode (q_len 1) and verify (q_len 8), bf16, all sequences at the
-    given context; KV bytes read = B * seq * Hkv * D * 2 (K and V) * 2 bytes."""
-    from triton.testing import do_bench
+    """Per-call device time (CUDA-graph replay) of decode (q_len 1) and verify (q_len 8), bf16,
+    all sequences at the given context; KV bytes read = B * seq * Hkv * D * 2 (K and V) * 2 bytes."""
+    from tests.gpu.timing import graphed_us
 
     scale = D ** -0.5
     rows = []
@@ -183,8 +183,8 @@ def test_timing_table(capsys):
                 def run(ns=None):
                     return paged_attention_triton(q, k_cache, v_cache, meta, scale, num_splits=ns)
 
-                ms = do_bench(run, warmup=25, rep=200, return_mode="median")
-                ms1 = do_bench(lambda: run(1), warmup=25, rep=200, return_mode="median")
+                ms = graphed_us(run) / 1e3
+                ms1 = graphed_us(lambda: run(1)) / 1e3
                 gbytes = batch * seq * HKV * D * 2 * 2 / 1e9
                 rows.append((batch, q_len, seq, splits, ms * 1e3, gbytes / (ms * 1e-3),
                              ms1 * 1e3, gbytes / (ms1 * 1e-3)))
