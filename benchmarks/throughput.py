@@ -33,7 +33,7 @@ TARGET = os.path.join(FIX, "target")
 
 def spec_configs(ks: list[int]) -> dict:
     out = {"no-spec": None,
-           "ngram K=4": {"method": "ngram", "num_speculative_tokens": 4},
+           "ngram K=4": {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 4},
            "draft_model K=4": {"method": "draft_model", "model": os.path.join(FIX, "draft"),
                                "num_speculative_tokens": 4}}
     for k in ks:

@@ -59,7 +59,7 @@ def print_stats(llm, outputs, elapsed: float, file=sys.stdout) -> None:
         s = engine.stats
         rates = ", ".join(f"{r:.2f}" for r in s.acceptance_rate_per_position)
         print(f"-- speculation ({engine.spec_config.method}, K={engine.spec_config.num_speculative_tokens}): "
-              f"acceptance length {s.acceptance_length:.2f} tokens/step over {s.num_steps} steps; "
+              f"acceptance length {s.acceptance_length:.2f} tokens/step over {s.num_drafts} drafts; "
               f"acceptance rate per draft position [{rates}]", file=file)
         phases = engine.step_events.totals() if getattr(engine, "step_events", None) is not None else None
         if phases and phases["steps"]:
@@ -151,6 +151,15 @@ def cmd_train_drafter(args) -> int:
     return run(args)
 
 
+def cmd_export_head(args) -> int:
+    from parspec.models.head_formats import export_head
+
+    export_head(args.head, args.out, args.format, verifier=args.verifier,
+                num_speculative_tokens=args.num_speculative_tokens)
+    print(f"-- wrote {args.out} ({args.format} layout) from {args.head}")
+    return 0
+
+
 def add_bench_args(b: argparse.ArgumentParser) -> None:
     from parspec.bench.harness import DEFAULT_PROMPTS, METHODS, PEERS, REFERENCE_PAIR, REPO
 
@@ -209,6 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train-drafter", help="train an EAGLE-3 / P-EAGLE head on the target's own outputs")
     add_train_drafter_args(t)
     t.set_defaults(func=cmd_train_drafter)
+
+    x = sub.add_parser("export-head", help="re-write an EAGLE-3 / P-EAGLE head for vLLM, speculators or SafeAILab")
+    x.add_argument("--head", required=True, help="head directory in any layout parspec reads")
+    x.add_argument("--out", required=True, help="directory to write config.json + model.safetensors to")
+    x.add_argument("--format", choices=("vllm", "speculators", "eagle"), default="vllm",
+                   help="vllm: LlamaForCausalLMEagle3 (layers.N.*); speculators: the speculators library's; "
+                        "eagle: SafeAILab's EAGLE-3 (midlayer.*)")
+    x.add_argument("--verifier", default=None, help="speculators only: the target's name or path to record")
+    x.add_argument("--num-speculative-tokens", type=int, default=3, help="speculators only: the proposal's K")
+    x.set_defaults(func=cmd_export_head)
     return parser
 
 

@@ -151,38 +151,77 @@ class ModelConfig:
         return cls.from_dict(read_json(os.path.join(model_dir, "config.json"), "config.json"))
 
 
-SPEC_METHODS = ("ngram", "draft_model", "eagle3", "spd")
+SPEC_METHODS = ("ngram", "draft_model", "eagle3")
+
+
+def infer_spec_method(model: str | None) -> str:
+    """vLLM's rule when "method" is absent: "ngram" for model "ngram"/"[ngram]", "eagle" when
+    the drafter's name holds "eagle-", "eagle3" when it holds "eagle3", else "draft_model"."""
+    if model is None:
+        raise ConfigError("speculative config needs \"method\" or a drafter \"model\" to infer it from")
+    if model in ("ngram", "[ngram]"):
+        return "ngram"
+    name = str(model).lower()
+    if "eagle-" in name:
+        return "eagle"
+    return "eagle3" if "eagle3" in name else "draft_model"
 
 
 @dataclass
 class SpeculativeConfig:
-    """vLLM's --speculative-config keys. Unknown keys are an error, not silently dropped."""
+    """vLLM's --speculative-config keys. Unknown keys are an error, not silently dropped;
+    from_any infers an absent "method" from "model" as vLLM does."""
 
     method: str
     num_speculative_tokens: int
     model: str | None = None
     parallel_drafting: bool = False
-    prompt_lookup_min: int = 1
-    prompt_lookup_max: int = 4
-    draft_tensor_parallel_size: int = 1
-    disable_padded_drafter_batch: bool = False
+    prompt_lookup_min: int | None = None  # ngram: both None -> 5 and 5; one given -> the other copies it (vLLM)
+    prompt_lookup_max: int | None = None
+    draft_tensor_parallel_size: int | None = None  # vLLM: 1 or the target's TP size; both are 1 here
+    disable_padded_drafter_batch: bool = False  # parspec always pads (fixed shapes for CUDA graphs)
 
     def __post_init__(self):
-        if self.method not in SPEC_METHODS:
-            raise ConfigError(f"unknown speculative method {self.method!r}; "
-                              f"choose one of {', '.join(SPEC_METHODS)}")
+        self.method = self.check_method(self.method)
         k = self.num_speculative_tokens
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ConfigError(f"num_speculative_tokens must be an integer >= 1, got {k!r}")
-        if self.method in ("draft_model", "eagle3", "spd") and not self.model:
+        if self.method in ("draft_model", "eagle3") and not self.model:
             raise ConfigError(f"speculative method {self.method!r} needs \"model\": the drafter's directory")
         if self.method == "ngram":
+            if self.model in ("ngram", "[ngram]"):
+                self.model = None
+            if self.prompt_lookup_min is None and self.prompt_lookup_max is None:
+                self.prompt_lookup_min = self.prompt_lookup_max = 5
+            elif self.prompt_lookup_min is None:
+                self.prompt_lookup_min = self.prompt_lookup_max
+            elif self.prompt_lookup_max is None:
+                self.prompt_lookup_max = self.prompt_lookup_min
             lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
-            if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (lo, hi)) or not 1 <= lo <= hi:
                 raise ConfigError(f"ngram needs 1 <= prompt_lookup_min <= prompt_lookup_max, "
                                   f"got {lo!r} and {hi!r}")
         if self.parallel_drafting and self.method != "eagle3":
             raise ConfigError(f"parallel_drafting applies to method 'eagle3', not {self.method!r}")
+        if self.draft_tensor_parallel_size not in (None, 1):
+            raise ConfigError(f"draft_tensor_parallel_size={self.draft_tensor_parallel_size!r} is not supported: "
+                              "parspec runs the drafter on one device (use 1 or leave it unset)")
+        if self.disable_padded_drafter_batch:
+            raise ConfigError(f"disable_padded_drafter_batch={self.disable_padded_drafter_batch!r} is not "
+                              "supported: parspec always pads the drafter batch (use false or leave it unset)")
+
+    @staticmethod
+    def check_method(method: str) -> str:
+        if method == "[ngram]":
+            return "ngram"
+        if method == "eagle":
+            raise ConfigError("speculative method 'eagle' (EAGLE-1/2) is not supported; use 'eagle3'")
+        if method == "spd":
+            raise ConfigError("speculative method 'spd' is not available yet; "
+                              f"choose one of {', '.join(SPEC_METHODS)}")
+        if method not in SPEC_METHODS:
+            raise ConfigError(f"unknown speculative method {method!r}; choose one of {', '.join(SPEC_METHODS)}")
+        return method
 
     @classmethod
     def from_any(cls, value: Any) -> SpeculativeConfig | None:
@@ -197,14 +236,9 @@ class SpeculativeConfig:
         if not isinstance(value, dict):
             raise ConfigError(f"speculative config must be a JSON object, got {value!r}")
         value = dict(value)
-        if "method" not in value:
-            # vLLM infers the method from the model when absent; we ask for it explicitly.
-            raise ConfigError(f"speculative config needs \"method\" (one of {', '.join(SPEC_METHODS)}): {value!r}")
-        if value["method"] == "eagle":
-            raise ConfigError("speculative method 'eagle' (EAGLE-1/2) is not supported; use 'eagle3'")
-        if value["method"] not in SPEC_METHODS:
-            raise ConfigError(f"unknown speculative method {value['method']!r}; "
-                              f"choose one of {', '.join(SPEC_METHODS)}")
+        if value.get("method") is None:
+            value["method"] = infer_spec_method(value.get("model"))
+        cls.check_method(value["method"])
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(value) - known)
         if unknown:
@@ -228,10 +262,12 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None
     enforce_eager: bool = False
     async_scheduling: bool | None = None  # launch a decode step before reading the last; None: on with CUDA graphs
-    seed: int = 0
+    seed: int | None = 0  # vLLM's engine-wide seed: seeds random, numpy and torch at start; None leaves them
     skip_tokenizer_init: bool = False
 
     def __post_init__(self):
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ConfigError(f"seed must be an integer or None, got {self.seed!r}")
         if self.max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

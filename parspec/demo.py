@@ -12,6 +12,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "fixtures" / "reference"
 PROMPTS = REPO / "fixtures" / "demo_prompts.jsonl"
+# A prompt on which the 12M fixture writes plausible code; it loops on many others (the demo says so).
+SHOWCASE = "HumanEval/4"
+REPEATS = 3
 
 
 def _tiny_random_model(path: str) -> None:
@@ -34,12 +37,17 @@ def _tiny_random_model(path: str) -> None:
 
 
 def _prompts(n: int) -> list[str]:
+    """The first n demo prompts, the showcase one first."""
     with open(PROMPTS, encoding="utf-8") as f:
-        return [json.loads(line)["prompt"] for line in f if line.strip()][:n]
+        rows = [json.loads(line) for line in f if line.strip()]
+    rows.sort(key=lambda r: r.get("task_id") != SHOWCASE)
+    return [r["prompt"] for r in rows][:n]
 
 
 def _speculative_configs() -> list[tuple[str, dict]]:
-    configs = [("n-gram (prompt lookup)", {"method": "ngram", "num_speculative_tokens": 4})]
+    # A 1..4-token lookup window: vLLM's default (5..5) rarely matches in 96 tokens.
+    configs = [("n-gram (prompt lookup)", {"method": "ngram", "num_speculative_tokens": 4,
+                                           "prompt_lookup_min": 1, "prompt_lookup_max": 4})]
     if (FIXTURES / "draft").is_dir():
         configs.append(("draft LM", {"method": "draft_model", "model": str(FIXTURES / "draft"),
                                      "num_speculative_tokens": 4}))
@@ -58,7 +66,8 @@ def run_demo(args) -> int:
     target = FIXTURES / "target"
     if target.is_dir():
         model = str(target)
-        print(f"target: the bundled reference model, {target.relative_to(REPO)}")
+        print(f"target: the bundled reference model, {target.relative_to(REPO)} (a 12M-parameter Llama "
+              "trained on Python source)")
     else:
         model = tempfile.mkdtemp(prefix="parspec-demo-")
         print("NOTE: the reference pair is not in fixtures/ yet; generating from a tiny RANDOM model "
@@ -69,27 +78,41 @@ def run_demo(args) -> int:
     common = dict(dtype="float32", device=args.device, max_model_len=1024)
 
     def timed(llm):
-        start = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        return outs, time.perf_counter() - start
+        """Median wall time of REPEATS identical runs (after one warm-up): a single run on a
+        busy machine moves by tens of percent."""
+        llm.generate(prompts, params, use_tqdm=False)
+        times = []
+        for _ in range(REPEATS):
+            llm.engine.reset_stats()
+            start = time.perf_counter()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            times.append(time.perf_counter() - start)
+        return outs, sorted(times)[len(times) // 2]
 
-    base_llm = LLM(model, **common)
-    timed(base_llm)  # warm-up
-    base, base_time = timed(base_llm)
-    base_tokens = sum(len(o.outputs[0].token_ids) for o in base)
-    print(f"\nno speculation: {base_tokens} tokens in {base_time:.2f}s ({base_tokens / base_time:.1f} tok/s)")
-    print(f"--- first completion ---\n{prompts[0]}{base[0].outputs[0].text}\n---")
-    all_identical = True
+    base, base_time = timed(LLM(model, **common))
+    base_ids = [o.outputs[0].token_ids for o in base]
+    print(f"--- a completion (greedy, {args.max_tokens} tokens) ---\n{prompts[0]}{base[0].outputs[0].text}\n---")
+    print("This small target repeats itself on many prompts (78 of 164 HumanEval prompts end in a loop), "
+          "which favours n-gram drafting.\n")
+    print(f"{len(prompts)} prompts, greedy. What does not depend on this machine's load:")
+    print(f"  {'method':24s} {'K':>2}  {'identical':9s}  {'target passes/100 tokens':>24s}  "
+          f"{'tokens/step':>11s}  acceptance rate per draft position")
+    print(f"  {'no speculation':24s} {'':>2}  {'-':9s}  {100.0:>24.1f}  {1.0:>11.2f}")
+    rows, all_identical = [], True
     for name, spec in _speculative_configs():
         llm = LLM(model, speculative_config=spec, **common)
-        timed(llm)
-        llm.engine.reset_stats()
         outs, elapsed = timed(llm)
-        identical = [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in base]
+        identical = [o.outputs[0].token_ids for o in outs] == base_ids
         all_identical &= identical
         stats = llm.engine.stats
-        passes = llm.engine.drafter_passes_per_step
-        print(f"{name:24s} K={spec['num_speculative_tokens']}: greedy text identical: {'yes' if identical else 'NO'}; "
-              f"acceptance length {stats.acceptance_length:.2f} tokens/step; "
-              f"drafter passes/step {passes:.1f}; {elapsed:.2f}s, speed-up {base_time / elapsed:.2f}x")
+        rates = " ".join(f"{r:.2f}" for r in stats.acceptance_rate_per_position)
+        print(f"  {name:24s} {spec['num_speculative_tokens']:>2}  {'yes' if identical else 'NO':9s}  "
+              f"{100.0 / stats.acceptance_length:>24.1f}  {stats.acceptance_length:>11.2f}  {rates}")
+        rows.append((name, elapsed, llm.engine.drafter_passes_per_step))
+    print(f"\nTime on this CPU (median of {REPEATS} runs): no speculation {base_time:.2f}s")
+    for name, elapsed, passes in rows:
+        print(f"  {name:24s} {elapsed:.2f}s  {base_time / elapsed:.2f}x  ({passes:.0f} drafter passes per step)")
+    print("At 12M parameters every engine is overhead-bound on a CPU, so these ratios say little. On a GPU at "
+          "real size the saved target passes become speed: with this pair expanded exactly to Llama-3.1-8B "
+          "shape on an H200, P-EAGLE K=7 decodes 3.17x faster than no speculation (benchmarks/README.md).")
     return 0 if all_identical else 1

@@ -46,19 +46,38 @@ def safetensors_files(model_dir: str) -> list[str]:
     found = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
     if found:
         return [os.path.join(model_dir, f) for f in found]
-    pickles = [f for f in os.listdir(model_dir) if f.endswith((".bin", ".pt", ".pth"))]
-    hint = f" (found {', '.join(pickles)}: pickled weights are not loaded, convert them to safetensors)" if pickles else ""
+    pickles = sorted(f for f in os.listdir(model_dir) if f.endswith((".bin", ".pt", ".pth")))
+    hint = ""
+    if pickles:
+        # Unpickling runs arbitrary code, so such files are named, never opened.
+        hint = (f" (found {', '.join(pickles)}: pickled weights are not loaded; convert them once to safetensors "
+                f"where they came from, e.g. `python -c \"from transformers import AutoModelForCausalLM; "
+                f"AutoModelForCausalLM.from_pretrained('{model_dir}').save_pretrained('{model_dir}', "
+                f"safe_serialization=True)\"`, or save_file(torch.load(path, weights_only=True), "
+                f"'model.safetensors') from safetensors.torch)")
     raise LoadError(f"no safetensors weights in {model_dir}{hint}")
 
 
-def iter_safetensors(files: list[str], device: str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
-    for path in files:
-        try:
-            with safe_open(path, framework="pt", device=device) as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise LoadError(f"cannot read safetensors file {path}: {e}") from e
+class SafetensorsReader:
+    """(name, tensor) pairs from safetensors files, memory mapped; ``path`` is the file the
+    last pair came from, so errors about a tensor can name its file."""
+
+    def __init__(self, files: list[str], device: str = "cpu"):
+        self.files, self.device, self.path = files, device, None
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for path in self.files:
+            self.path = path
+            try:
+                with safe_open(path, framework="pt", device=self.device) as f:
+                    for name in f.keys():
+                        yield name, f.get_tensor(name)
+            except (SafetensorError, OSError, RuntimeError) as e:
+                raise LoadError(f"cannot read safetensors file {path}: {e}") from e
+
+
+def iter_safetensors(files: list[str], device: str = "cpu") -> SafetensorsReader:
+    return SafetensorsReader(files, device)
 
 
 def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
@@ -66,7 +85,8 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
     """Copy checkpoint tensors into ``model``, splitting HF's q/k/v and gate/up into our
     fused projections. Every parameter must be filled, every shape must match.
     ``rename`` maps a checkpoint name to ours, or to None to skip the tensor;
-    parameters under the ``skip_params`` prefixes are filled elsewhere."""
+    parameters under the ``skip_params`` prefixes are filled elsewhere. A floating-point
+    parameter takes floating-point tensors only: an integer one would be cast to garbage."""
     params = dict(model.named_parameters(remove_duplicate=False))
     filled: dict[int, set[int]] = {}  # id(param) -> shards filled (-1: the whole tensor)
     for ckpt_name, tensor in weights:
@@ -85,6 +105,10 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
         if tuple(tensor.shape) != tuple(target.shape):
             raise LoadError(f"shape mismatch for {ckpt_name!r}: checkpoint {tuple(tensor.shape)}, "
                             f"model expects {tuple(target.shape)}")
+        if target.is_floating_point() and not tensor.is_floating_point():
+            where = weights.path if isinstance(weights, SafetensorsReader) else "the checkpoint"
+            raise LoadError(f"checkpoint tensor {ckpt_name!r} in {where} has dtype {tensor.dtype}, but {name} is a "
+                            f"floating-point parameter ({target.dtype}): the file is corrupt or not a weight file")
         with torch.no_grad():
             target.copy_(tensor)
         filled.setdefault(id(param), set()).add(-1 if shard is None else shard)
@@ -114,28 +138,34 @@ def _shard_of(model: nn.Module, name: str, param: torch.Tensor, shard: int) -> t
     return param.narrow(0, start, sizes[shard])
 
 
-def build_and_load(model_cls, cfg, files: list[str], dtype: torch.dtype, device: torch.device,
-                   rename=lambda name: name, **kwargs) -> nn.Module:
-    """Build on the meta device (no random init of billions of weights), then load."""
+def build_on_device(model_cls, cfg, dtype: torch.dtype, device: torch.device, **kwargs) -> nn.Module:
+    """Build on the meta device (no random init of billions of weights), then allocate on
+    ``device``: parameters in ``dtype``, buffers (rope tables) recomputed in float32."""
     with torch.device("meta"):
         model = model_cls(cfg, **kwargs)
-    # Parameters in the serving dtype before loading, buffers (rope tables) in float32.
     model = model.to_empty(device=device).to(dtype)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     for module in model.modules():
         if hasattr(module, "reset_buffers"):
             module.reset_buffers()
+    return model
+
+
+def build_and_load(model_cls, cfg, files: list[str], dtype: torch.dtype, device: torch.device,
+                   rename=lambda name: name, **kwargs) -> nn.Module:
+    model = build_on_device(model_cls, cfg, dtype, device, **kwargs)
     load_weights(model, iter_safetensors(files, device="cpu"), rename=rename)
     return model.eval()
 
 
 def load_model(model_dir: str, dtype: torch.dtype, device: torch.device,
-               max_positions: int | None = None):
+               max_positions: int | None = None, cfg: ModelConfig | None = None):
+    """``cfg``: the directory's config when the caller has already parsed it."""
     from parspec.models import model_class
 
     check_model_dir(model_dir)
-    cfg = ModelConfig.from_pretrained(model_dir)
+    cfg = cfg or ModelConfig.from_pretrained(model_dir)
     files = safetensors_files(model_dir)
     model = build_and_load(model_class(cfg.architecture), cfg, files, dtype, device,
                            max_positions=max_positions)

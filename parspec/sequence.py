@@ -33,46 +33,59 @@ _ids = itertools.count()
 
 @dataclass
 class SpecStats:
-    """Speculation counters of one request (or summed over many)."""
+    """Speculation counters of one request (or summed over many), counted as vLLM counts them
+    (vllm/v1/spec_decode/metrics.py): a draft is one request's proposal in one step, and a
+    step that proposed nothing is not a draft."""
 
-    num_steps: int = 0  # target forwards after prefill
-    num_drafted: int = 0
-    num_accepted: int = 0
-    accepted_per_position: list[int] = field(default_factory=list)  # how often draft i was accepted
-    drafted_per_position: list[int] = field(default_factory=list)
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_accepted_tokens_per_pos: list[int] = field(default_factory=list)  # how often draft i was accepted
 
-    def record(self, num_drafts: int, num_accepted: int) -> None:
-        self.num_steps += 1
-        self.num_drafted += num_drafts
-        self.num_accepted += num_accepted
-        for stats, count in ((self.drafted_per_position, num_drafts), (self.accepted_per_position, num_accepted)):
-            if len(stats) < num_drafts:
-                stats.extend([0] * (num_drafts - len(stats)))
-            for i in range(count):
-                stats[i] += 1
+    def record(self, num_draft_tokens: int, num_accepted_tokens: int) -> None:
+        if num_draft_tokens == 0:
+            return
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft_tokens
+        self.num_accepted_tokens += num_accepted_tokens
+        per_pos = self.num_accepted_tokens_per_pos
+        per_pos.extend([0] * (num_draft_tokens - len(per_pos)))
+        for i in range(num_accepted_tokens):
+            per_pos[i] += 1
 
     def merge(self, other: SpecStats) -> None:
-        self.num_steps += other.num_steps
-        self.num_drafted += other.num_drafted
-        self.num_accepted += other.num_accepted
-        for mine, theirs in ((self.drafted_per_position, other.drafted_per_position),
-                             (self.accepted_per_position, other.accepted_per_position)):
-            mine.extend([0] * (len(theirs) - len(mine)))
-            for i, n in enumerate(theirs):
-                mine[i] += n
+        self.num_drafts += other.num_drafts
+        self.num_draft_tokens += other.num_draft_tokens
+        self.num_accepted_tokens += other.num_accepted_tokens
+        mine, theirs = self.num_accepted_tokens_per_pos, other.num_accepted_tokens_per_pos
+        mine.extend([0] * (len(theirs) - len(mine)))
+        for i, n in enumerate(theirs):
+            mine[i] += n
+
+    # The names parspec used before; same counters.
+    num_steps = property(lambda self: self.num_drafts)
+    num_drafted = property(lambda self: self.num_draft_tokens)
+    num_accepted = property(lambda self: self.num_accepted_tokens)
 
     @property
     def acceptance_length(self) -> float:
-        """Mean tokens emitted per target step (accepted drafts + the one the target adds)."""
-        return (self.num_accepted + self.num_steps) / self.num_steps if self.num_steps else 0.0
+        """vLLM's mean acceptance length: 1 + accepted / drafts (the 1 is the target's own token)."""
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 1.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
 
     @property
     def acceptance_rate_per_position(self) -> list[float]:
-        return [a / d if d else 0.0 for a, d in zip(self.accepted_per_position, self.drafted_per_position)]
+        """Accepted at position i / drafts, as vLLM reports it."""
+        return [a / self.num_drafts for a in self.num_accepted_tokens_per_pos] if self.num_drafts else []
 
     def as_dict(self) -> dict:
-        return {"num_steps": self.num_steps, "num_drafted": self.num_drafted,
-                "num_accepted": self.num_accepted, "acceptance_length": self.acceptance_length,
+        return {"num_drafts": self.num_drafts, "num_draft_tokens": self.num_draft_tokens,
+                "num_accepted_tokens": self.num_accepted_tokens,
+                "num_accepted_tokens_per_pos": list(self.num_accepted_tokens_per_pos),
+                "acceptance_length": self.acceptance_length,
                 "acceptance_rate_per_position": self.acceptance_rate_per_position}
 
 

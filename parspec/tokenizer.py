@@ -1,5 +1,5 @@
-"""tokenizer.json (HF `tokenizers`) + tokenizer_config.json / generation_config.json:
-special tokens, eos ids and the chat template, rendered with jinja2."""
+"""tokenizer.json (HF `tokenizers`) + tokenizer_config.json / generation_config.json (else
+config.json): special tokens, eos ids and the chat template, rendered with jinja2."""
 
 from __future__ import annotations
 
@@ -32,7 +32,10 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on a malformed file
             raise LoadError(f"cannot read {path}: {e}") from e
         cfg = self._read_optional(model_dir, "tokenizer_config.json")
-        gen = self._read_optional(model_dir, "generation_config.json")
+        # As HF and vLLM do: without a generation_config.json, the generation defaults (eos
+        # included) come from config.json.
+        has_gen = os.path.isfile(os.path.join(model_dir, "generation_config.json"))
+        gen = self._read_optional(model_dir, "generation_config.json" if has_gen else "config.json")
         self.chat_template = cfg.get("chat_template")
         self.bos_token = _token_str(cfg.get("bos_token"))
         self.eos_token = _token_str(cfg.get("eos_token"))

@@ -78,7 +78,7 @@ def test_async_stops_at_stop_tokens_and_length_limit():
 
 def test_ngram_never_overlaps():
     """n-gram drafting reads the host's tokens, so its steps cannot be launched early."""
-    spec = {"method": "ngram", "num_speculative_tokens": 3}
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 4}
     _, outs, continued = _run(spec, True, SamplingParams(temperature=0.0, max_tokens=16))
     assert continued == 0 and all(len(o.outputs[0].token_ids) == 16 for o in outs)
 

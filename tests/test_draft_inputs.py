@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from parspec.spec.draft_inputs import draft_inputs_ref, draft_inputs_triton
+from parspec.speculative.draft_inputs import draft_inputs_ref, draft_inputs_triton
 
 needs_interpreter = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),

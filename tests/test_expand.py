@@ -180,7 +180,7 @@ def test_expanded_drafters_speculate_like_the_originals(tiny, no_spec_ids, metho
     assert [ids for ids, _ in original] == no_spec_ids
     assert [ids for ids, _ in expanded] == no_spec_ids
     assert [stats for _, stats in expanded] == [stats for _, stats in original]  # same acceptance, draft by draft
-    assert sum(s["num_accepted"] for _, s in original) > 0
+    assert sum(s["num_accepted_tokens"] for _, s in original) > 0
 
 
 TARGET_OK = dict(hidden=1024, num_layers=7, num_heads=8, num_kv_heads=2, intermediate=1024)

@@ -59,7 +59,7 @@ with open(os.path.join(FIX, "expected_completion.json"), encoding="utf-8") as _f
 
 
 SPECS = {
-    "ngram": lambda k: {"method": "ngram", "num_speculative_tokens": k},
+    "ngram": lambda k: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 1, "prompt_lookup_max": 4},
     "draft_model": lambda k: {"method": "draft_model", "model": os.path.join(FIX, "draft"), "num_speculative_tokens": k},
 }
 

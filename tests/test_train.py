@@ -13,9 +13,9 @@ import torch
 
 from parspec.config import ConfigError
 from parspec.loader import LoadError, load_model
-from parspec.models.eagle3 import Eagle3Drafter, load_eagle3
+from parspec.models.drafter import Eagle3Drafter, load_eagle3
 from parspec.train.data import DrafterData, build_draft_vocab, capture, pick_mask_token
-from parspec.train.eagle3 import TrainConfig, Trainer, drafter_config, head_bytes
+from parspec.train.trainer import TrainConfig, Trainer, drafter_config, head_bytes
 from parspec.train.layout import (PAD, Entries, attention_mask, deep_entries, depth_keep_fractions, make_plan,
                                   real_entries)
 from parspec.train.objective import peagle_forward, ttt_forward
@@ -245,7 +245,7 @@ def test_draft_vocabulary():
     assert int(v.t2d.sum()) == 5 and bool(v.t2d[v.ids].all())
     cfg_dict = dict(hidden_size=16, intermediate_size=24, num_attention_heads=2, num_key_value_heads=1,
                     head_dim=8, vocab_size=50, draft_vocab_size=5, target_hidden_size=16, aux_layer_ids=(0, 1, 2))
-    from parspec.models.eagle3 import Eagle3Config
+    from parspec.models.drafter import Eagle3Config
 
     drafter = Eagle3Drafter(Eagle3Config(**cfg_dict))
     drafter.d2t.copy_(v.d2t)
@@ -326,7 +326,7 @@ def test_bad_input_gives_clear_errors(tiny, tmp_path, capsys):
     with pytest.raises(ConfigError, match="method"):
         TrainConfig(method="medusa")
     with pytest.raises(LoadError):
-        from parspec.train.eagle3 import load_target
+        from parspec.train.trainer import load_target
         load_target(str(tmp_path / "missing"), TrainConfig(device="cpu"))
 
 
@@ -407,8 +407,8 @@ def test_train_drafter_cli_end_to_end(tiny, tmp_path, capsys):
     assert "Warm-started" not in open(os.path.join(heads["p-eagle"], "README.md")).read()
     assert "parallel_drafting" not in json.load(open(os.path.join(heads["eagle3"], "config.json")))
 
-    if importlib.util.find_spec("parspec.spec.eagle3") is None:
-        pytest.skip("parspec/spec/eagle3.py (the inference proposer) is not there yet")
+    if importlib.util.find_spec("parspec.speculative.eagle") is None:
+        pytest.skip("parspec/speculative/eagle.py (the inference proposer) is not there yet")
     from parspec import LLM, SamplingParams
 
     for method, parallel in (("p-eagle", True), ("eagle3", False)):

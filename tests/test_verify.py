@@ -1,4 +1,4 @@
-"""Tests of parspec.spec.verify: Triton kernels (interpreter on CPU) == torch reference,
+"""Tests of parspec.speculative.verify: Triton kernels (interpreter on CPU) == torch reference,
 hand-computed greedy cases, and exactness of the rejection sampler's distribution."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-import parspec.spec.verify as verify
-from parspec.spec.verify import (
+import parspec.speculative.verify as verify
+from parspec.speculative.verify import (
     PLACEHOLDER,
     draw_verification_noise,
     rejection_components_ref,

@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from parspec.config import ModelConfig, parse_dtype, read_json
 from parspec.loader import iter_safetensors, safetensors_files
-from parspec.models.eagle3 import Eagle3Config, default_aux_layers
+from parspec.models.drafter import Eagle3Config, default_aux_layers
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_SRC = os.path.join(REPO, "fixtures", "reference")
@@ -549,10 +549,9 @@ def expand_eagle_head(src_dir: str, dst_dir: str, target_hidden_new: int, target
     new_cfg = {**raw, "hidden_size": hidden, "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads,
                "head_dim": D, "intermediate_size": intermediate, "target_hidden_size": Ht,
                "rms_norm_eps": cfg.rms_norm_eps * Hd0 / hidden, "torch_dtype": _dtype_name(dtype)}
-    if "eagle_aux_hidden_state_layer_ids" in raw and "eagle_config" not in raw:
-        new_cfg["eagle_aux_hidden_state_layer_ids"] = new_aux
-    else:
-        new_cfg["eagle_config"] = {**(raw.get("eagle_config") or {}), "eagle_aux_hidden_state_layer_ids": new_aux}
+    # Both places vLLM versions read the aux layers from (parspec's writer does the same).
+    new_cfg["eagle_aux_hidden_state_layer_ids"] = new_aux
+    new_cfg["eagle_config"] = {**(raw.get("eagle_config") or {}), "eagle_aux_hidden_state_layer_ids": new_aux}
     new_cfg["parspec_expanded_from"] = {
         "source": os.path.normpath(src_dir), "source_shape": source, "target_layer_map": layer_map,
         "query_head_map": q_map, "kv_head_map": kv_map, "seed": seed, "num_parameters": num_params,

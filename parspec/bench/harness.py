@@ -51,12 +51,18 @@ class ModelPair:
         return {"target": self.target, "draft": self.draft, "eagle3": self.eagle3, "p-eagle": self.p_eagle}
 
 
+def _per_position(stats, k: int) -> list[float]:
+    """vLLM's per-position acceptance (accepted at i / drafts), one entry per draft slot."""
+    rates = list(stats.acceptance_rate_per_position)
+    return rates + [0.0] * (k - len(rates))
+
+
 def spec_config(method: str, k: int, pair: ModelPair) -> dict | None:
     """vLLM-style speculative config of one method at K drafts (None for no-spec)."""
     if method == "no-spec":
         return None
-    if method == "ngram":
-        return {"method": "ngram", "num_speculative_tokens": k}
+    if method == "ngram":  # the 1..4-token window the committed results used (vLLM's default is 5..5)
+        return {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 1, "prompt_lookup_max": 4}
     if method == "draft_model":
         return {"method": "draft_model", "model": pair.draft, "num_speculative_tokens": k}
     if method == "eagle3":
@@ -296,8 +302,8 @@ class Bench:
             "tokens_per_s": tokens / elapsed, "tokens_per_s_runs": tps_runs,
             "tokens_per_s_min": min(tps_runs), "tokens_per_s_max": max(tps_runs),
             "ms_per_output_token": _ms_per_output_token(outs),
-            "acceptance_length": stats.acceptance_length if stats.num_steps else None,
-            "acceptance_rate_per_position": list(stats.acceptance_rate_per_position) if spec else None,
+            "acceptance_length": stats.acceptance_length if spec else None,
+            "acceptance_rate_per_position": _per_position(stats, engine.k) if spec else None,
             "sequence_steps": stats.num_steps,
             "engine_steps": getattr(engine, "draft_steps", None) if spec else None,
             "drafter_passes_per_step": getattr(engine, "drafter_passes_per_step", None) if spec else None,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
+
+import numpy as np
 
 import torch
 from tqdm import tqdm
@@ -13,12 +16,12 @@ from parspec.engine.model_runner import ModelRunner
 from parspec.engine.scheduler import Scheduler
 from parspec.engine.timing import StepEvents
 from parspec.sequence import RequestOutput, Sequence, SpecStats, Status
-from parspec.spec.proposer import TargetView
+from parspec.speculative.proposer import TargetView
 from parspec.step import StepOutput
 from parspec.kv_cache import BlockManager, kv_bytes_per_block
 from parspec.loader import load_model
 from parspec.sampling import SamplingParams
-from parspec.spec import build_proposer
+from parspec.speculative import build_proposer
 from parspec.tokenizer import Tokenizer
 
 log = logging.getLogger("parspec")
@@ -35,6 +38,10 @@ class RequestError(ValueError):
 class LLMEngine:
     def __init__(self, cfg: EngineConfig, speculative_config=None):
         self.cfg = cfg
+        if cfg.seed is not None:  # vLLM's engine-wide seed: unseeded sampling repeats run to run
+            random.seed(cfg.seed)
+            np.random.seed(cfg.seed)
+            torch.manual_seed(cfg.seed)  # CPU and every CUDA device
         self.step_events: StepEvents | None = None  # attach one to time the step phases on the GPU
         self.spec_config = SpeculativeConfig.from_any(speculative_config)
         self.device = cfg.resolved_device()
@@ -43,7 +50,7 @@ class LLMEngine:
         self.max_model_len = self._resolve_max_model_len(cfg.max_model_len, model_cfg)
         k = self.spec_config.num_speculative_tokens if self.spec_config else 0
         self.model, self.model_config = load_model(cfg.model, self.dtype, self.device,
-                                                   max_positions=self.max_model_len + k + 1)
+                                                   max_positions=self.max_model_len + k + 1, cfg=model_cfg)
         self.tokenizer = None if cfg.skip_tokenizer_init else Tokenizer(cfg.model)
         use_graphs = not cfg.enforce_eager and self.device.type == "cuda"
         target = TargetView(self.model_config, cfg.model, self.device, self.dtype, self.model.model.embed_tokens,
@@ -126,6 +133,9 @@ class LLMEngine:
                                "(room for at least one generated token is needed)")
         if not isinstance(params, SamplingParams):
             raise RequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        if params.stop and self.tokenizer is None:
+            raise RequestError(f"stop strings {params.stop!r} need a tokenizer (skip_tokenizer_init=True); "
+                               "use stop_token_ids")
         seq = Sequence(token_ids, params, request_id, text)
         if params.seed is not None:
             seq.generator = torch.Generator(self.device).manual_seed(params.seed)
@@ -283,15 +293,18 @@ class LLMEngine:
     def _finalize_text(self, seq: Sequence) -> None:
         if self.tokenizer is None or (seq.finish_reason == "stop" and isinstance(seq.stop_reason, str)):
             return
-        seq.text = self.tokenizer.decode(seq.output_token_ids, seq.params.skip_special_tokens)
+        ids = seq.output_token_ids
+        if seq.finish_reason == "stop":  # vLLM keeps an EOS or stop_token_ids token in token_ids, not in text
+            ids = ids[:-1]
+        seq.text = self.tokenizer.decode(ids, seq.params.skip_special_tokens)
 
     def _release_draft_state(self, seq: Sequence) -> None:
         if self.proposer:
             self.proposer.release(seq)
 
     def reset_stats(self) -> None:
-        """Speculation counters; drafter_passes counts drafter forwards (K per step
-        sequentially, 1 with parallel drafting)."""
+        """Speculation counters (summed over requests, vLLM's counting; see SpecStats);
+        drafter_passes counts drafter forwards (K per step sequentially, 1 with parallel drafting)."""
         self.stats = SpecStats()
         self.drafter_passes = 0
         self.draft_steps = 0  # engine steps that drafted (one per batch, not per sequence)

@@ -20,7 +20,7 @@ from parspec.sampling import BatchSampling, probs_from_logits
 from parspec.sequence import Sequence
 from parspec.step import Proposal, StepOutput
 from parspec.cuda_graphs import GraphCache, batch_buckets, bucket_for, shared_pool
-from parspec.spec.verify import draw_verification_noise, verify_greedy, verify_rejection
+from parspec.speculative.verify import draw_verification_noise, verify_greedy, verify_rejection
 from parspec.transfer import pinned, to_device
 
 

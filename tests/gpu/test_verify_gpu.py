@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from parspec.spec.verify import (
+from parspec.speculative.verify import (
     PLACEHOLDER,
     draw_verification_noise,
     rejection_components_ref,

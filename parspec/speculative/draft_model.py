@@ -12,8 +12,8 @@ from parspec.attention import AttentionMetadata
 from parspec.config import ConfigError, SpeculativeConfig
 from parspec.metadata import build_attention_metadata
 from parspec.loader import load_model
-from parspec.spec.draft_inputs import slots_of
-from parspec.spec.proposer import AfterVerifyDrafter, TargetView, sample_drafts
+from parspec.speculative.draft_inputs import slots_of
+from parspec.speculative.proposer import AfterVerifyDrafter, TargetView, sample_drafts
 from parspec.transfer import to_device
 
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from parspec import LLM, SamplingParams
 from parspec.config import ConfigError
 from parspec.loader import LoadError
-from parspec.models.eagle3 import Eagle3Config, Eagle3Drafter, load_eagle3, save_eagle3
+from parspec.models.drafter import Eagle3Config, Eagle3Drafter, load_eagle3, save_eagle3
 from tests.conftest import make_hf_model
 
 MAX_TOKENS = 20
@@ -189,7 +189,7 @@ def _check_engine(llm, outs, k: int) -> None:
     assert stats.num_steps > 0 and 0 <= stats.num_accepted <= stats.num_drafted
     assert stats.num_drafted == k * stats.num_steps
     assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
-    assert all(o.spec_stats["num_steps"] > 0 for o in outs)
+    assert all(o.spec_stats["num_drafts"] > 0 for o in outs)
 
 
 # --- greedy losslessness ---------------------------------------------------------------------
@@ -345,8 +345,8 @@ def _recording_engine(setup, monkeypatch, builder: str, k: int, parallel: bool):
     the Triton kernel (what CUDA runs), so the dense checks below cover both; returns it,
     its proposer, the head and the entry history."""
     if builder == "triton":
-        import parspec.spec.eagle3 as eagle3_module
-        from parspec.spec.draft_inputs import draft_inputs_triton
+        import parspec.speculative.eagle as eagle3_module
+        from parspec.speculative.draft_inputs import draft_inputs_triton
         monkeypatch.setattr(eagle3_module, "draft_inputs", draft_inputs_triton)
     llm = LLM(setup["target"], dtype="float32", block_size=4,
               speculative_config=eagle_spec(setup["heads"]["par" if parallel else "seq"], k, parallel))

@@ -7,19 +7,19 @@ import numpy as np
 import torch
 
 from parspec.config import SpeculativeConfig
-from parspec.spec.proposer import Proposal, Proposer
+from parspec.speculative.proposer import Proposal, Proposer
 
 
 def ngram_lookup(tokens: np.ndarray, n_min: int, n_max: int, k: int) -> np.ndarray:
-    """The up-to-k tokens after the latest earlier occurrence of the longest suffix n-gram
-    (n_max down to n_min) of ``tokens``; empty when nothing matches."""
+    """The up-to-k tokens after the earliest occurrence of the longest suffix n-gram
+    (n_max down to n_min) of ``tokens``, as vLLM's NgramProposer picks; empty when nothing matches."""
     length = len(tokens)
     for n in range(min(n_max, length - 1), n_min - 1, -1):
         suffix = tokens[length - n:]
         windows = np.lib.stride_tricks.sliding_window_view(tokens[:length - 1], n)
         hits = np.flatnonzero((windows == suffix).all(axis=1))
         if hits.size:
-            start = hits[-1] + n  # continuation after the most recent match
+            start = hits[0] + n
             return tokens[start:start + k]
     return tokens[:0]
 

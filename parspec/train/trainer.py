@@ -11,8 +11,9 @@ from a checkpoint continues exactly as the uninterrupted run would (without a ti
 budget, which makes the learning-rate schedule depend on the clock).
 
 Checkpoints (``OUT/checkpoint/``): drafter.safetensors + optimizer.safetensors (AdamW
-moments) + trainer_state.json. Output: ``save_eagle3`` layout (config.json +
-model.safetensors) + metrics.json + loss.png + README.md."""
+moments) + trainer_state.json, swapped in whole (see ``save_checkpoint``); one is saved on
+Ctrl-C and before the head is written, so no finished step is lost. Output: ``save_eagle3``
+layout (config.json + model.safetensors) + metrics.json + loss.png + README.md."""
 
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ import json
 import math
 import os
 import shutil
+import signal
+import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -31,7 +35,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from parspec.config import ConfigError, ModelConfig, parse_dtype
-from parspec.models.eagle3 import Eagle3Config, Eagle3Drafter, default_aux_layers, load_eagle3, save_eagle3
+from parspec.models.drafter import Eagle3Config, Eagle3Drafter, default_aux_layers, load_eagle3, save_eagle3
 from parspec.train.data import (Batch, DrafterData, DraftVocab, build_draft_vocab, capture, pick_mask_token,
                                 vocab_of)
 from parspec.train.layout import depth_keep_fractions, make_plan, segment_bounds
@@ -39,6 +43,69 @@ from parspec.train.objective import DepthStats, segment_loss
 
 METHODS = ("eagle3", "p-eagle")
 MiB = 1 << 20
+CHECKPOINT = "checkpoint"  # under OUT; CHECKPOINT.tmp is one being written, CHECKPOINT.old one being replaced
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training, raised once the checkpoint of the last finished step is saved."""
+
+    def __init__(self, checkpoint_dir: str, step: int):
+        super().__init__(f"training interrupted at step {step}; checkpoint saved in {checkpoint_dir}")
+        self.checkpoint_dir, self.step = checkpoint_dir, step
+
+
+# --- the output directory --------------------------------------------------------------------
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def recover_checkpoint(out_dir: str) -> None:
+    """Undo a crash inside ``save_checkpoint``: a half-written CHECKPOINT.tmp is dropped, and
+    a CHECKPOINT.old left between the two renames is the whole previous checkpoint."""
+    final = os.path.join(out_dir, CHECKPOINT)
+    old, tmp = final + ".old", final + ".tmp"
+    if os.path.isdir(old):
+        if os.path.isdir(final):
+            shutil.rmtree(old)
+        else:
+            os.replace(old, final)
+    if os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+
+
+def check_out_dir(out_dir: str, resume: bool = False, overwrite: bool = False) -> None:
+    """Before any data generation or training: OUT must be a directory that can be created
+    and written, and an earlier run's checkpoint or head in it is continued or replaced only
+    when asked."""
+    if resume and overwrite:
+        raise ConfigError("give --resume (continue from the checkpoint in --out) or --overwrite (start over), not both")
+    existing = os.path.abspath(out_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"--out {out_dir} cannot be created: {existing} exists and is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--out {out_dir} is not writable: cannot create a file in {existing} ({e.strerror})") from e
+    if existing != os.path.abspath(out_dir):
+        return
+    recover_checkpoint(out_dir)
+    checkpoint, head = os.path.join(out_dir, CHECKPOINT), os.path.join(out_dir, "model.safetensors")
+    has_checkpoint = os.path.isfile(os.path.join(checkpoint, "trainer_state.json"))
+    if overwrite or (resume and has_checkpoint) or not (has_checkpoint or os.path.isfile(head)):
+        return
+    if has_checkpoint:
+        raise ConfigError(f"{out_dir} already holds a training checkpoint ({checkpoint}): pass --resume to "
+                          "continue from it, or --overwrite to start over and replace it")
+    raise ConfigError(f"{out_dir} already holds a trained head ({head}) and no checkpoint to --resume from: pass "
+                      f"--overwrite to replace it, or choose another --out (--init-from {out_dir} warm-starts from it)")
 
 
 @dataclass
@@ -206,6 +273,8 @@ class Trainer:
                                            weight_decay=tc.weight_decay)
         self.step = 0
         self.metrics: dict = {"train": [], "eval": []}
+        self._updating = False  # inside a parameter update, which Ctrl-C must not cut in two
+        self._interrupt_pending = False
 
     def _init_from_target(self, target, target_cfg: ModelConfig) -> None:
         if self.cfg.parallel_drafting:
@@ -294,10 +363,17 @@ class Trainer:
         self.drafter.train()
         loss, stats, _ = self.batch_loss(self._batch_indices(self.step), self.step)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.tc.grad_clip)
-        self.optimizer.step()
-        self.step += 1
-        record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm), **stats.summary()}
-        self.metrics["train"].append(record)
+        self._updating = True
+        try:
+            self.optimizer.step()
+            self.step += 1
+            record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm), **stats.summary()}
+            self.metrics["train"].append(record)
+        finally:
+            self._updating = False
+        if self._interrupt_pending:
+            self._interrupt_pending = False
+            raise KeyboardInterrupt
         return record
 
     @torch.no_grad()
@@ -330,7 +406,7 @@ class Trainer:
     # --- checkpoints --------------------------------------------------------------------
     @property
     def checkpoint_dir(self) -> str:
-        return os.path.join(self.out_dir, "checkpoint")
+        return os.path.join(self.out_dir, CHECKPOINT)
 
     def _fingerprint(self) -> dict:
         """What a resumed run must share with the checkpoint's."""
@@ -339,23 +415,37 @@ class Trainer:
                 "train": {k: v for k, v in asdict(self.tc).items() if k not in free}}
 
     def save_checkpoint(self) -> None:
-        path = self.checkpoint_dir
-        os.makedirs(path, exist_ok=True)
+        """All files of this step or none: they are written and fsynced in CHECKPOINT.tmp,
+        then the previous checkpoint is renamed to CHECKPOINT.old and CHECKPOINT.tmp to
+        CHECKPOINT; ``recover_checkpoint`` repairs a crash at any point of that."""
+        final = self.checkpoint_dir
+        os.makedirs(self.out_dir, exist_ok=True)
+        recover_checkpoint(self.out_dir)
+        tmp, old = final + ".tmp", final + ".old"
+        os.makedirs(tmp)
         weights = {n: t.detach().cpu().contiguous() for n, t in self.drafter.state_dict().items()
                    if not n.startswith("embed_tokens.")}
-        save_file(weights, os.path.join(path, "drafter.safetensors.tmp"))
+        save_file(weights, os.path.join(tmp, "drafter.safetensors"))
         state = self.optimizer.state_dict()
         moments = {f"{i}.{k}": v.detach().cpu().contiguous() for i, s in state["state"].items()
                    for k, v in s.items() if isinstance(v, torch.Tensor)}
-        save_file(moments, os.path.join(path, "optimizer.safetensors.tmp"))
+        save_file(moments, os.path.join(tmp, "optimizer.safetensors"))
         trainer_state = {"step": self.step, "metrics": self.metrics, "fingerprint": self._fingerprint(),
                          "param_groups": state["param_groups"]}
-        with open(os.path.join(path, "trainer_state.json.tmp"), "w") as f:
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump(trainer_state, f)
-        for name in ("drafter.safetensors", "optimizer.safetensors", "trainer_state.json"):
-            os.replace(os.path.join(path, name + ".tmp"), os.path.join(path, name))
+        for name in os.listdir(tmp):
+            _fsync(os.path.join(tmp, name))
+        _fsync(tmp)
+        if os.path.isdir(final):
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync(self.out_dir)
+        shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self) -> bool:
+        if os.path.isdir(self.out_dir):
+            recover_checkpoint(self.out_dir)
         path = self.checkpoint_dir
         state_file = os.path.join(path, "trainer_state.json")
         if not os.path.isfile(state_file):
@@ -389,9 +479,37 @@ class Trainer:
         return True
 
     # --- the loop -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _interrupts_between_updates(self):
+        """Ctrl-C raises KeyboardInterrupt at once, except inside a parameter update, which it
+        lets finish first (so the checkpoint saved on the way out is of a whole step)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_sigint(signum, frame):
+            if not self._updating:
+                raise KeyboardInterrupt
+            self._interrupt_pending = True
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
     def train(self) -> dict:
         """Steps until ``steps`` (or ``max_train_seconds`` of training, evaluations and
-        checkpoints not counted), evaluating and checkpointing on the way."""
+        checkpoints not counted), evaluating and checkpointing on the way. Ctrl-C saves a
+        checkpoint of the last finished step and raises TrainingInterrupted."""
+        try:
+            with self._interrupts_between_updates():
+                return self._train()
+        except KeyboardInterrupt:
+            self.save_checkpoint()
+            raise TrainingInterrupted(self.checkpoint_dir, self.step) from None
+
+    def _train(self) -> dict:
         tc = self.tc
         train_seconds = self.metrics.get("train_seconds", 0.0)
         stopped_early = False
@@ -416,14 +534,25 @@ class Trainer:
                     break
         self.metrics["stopped_early"] = stopped_early
         self.metrics["final_eval"] = self.evaluate()
-        if tc.keep_checkpoint:
-            self.save_checkpoint()
         return self.metrics["final_eval"]
 
     def save_head(self, path: str | None = None) -> str:
+        """``save_eagle3`` into a temporary sibling directory, then each file renamed into
+        ``path``: a crash leaves no half-written file."""
         path = path or self.out_dir
         head = copy.deepcopy(self.drafter).to(parse_dtype(self.tc.save_dtype))
-        save_eagle3(head, path, include_embedding=False)
+        os.makedirs(path, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".head-", dir=path)
+        try:
+            save_eagle3(head, tmp, include_embedding=False)
+            names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")  # config last: it names the weights
+            for name in names:
+                _fsync(os.path.join(tmp, name))
+            for name in names:
+                os.replace(os.path.join(tmp, name), os.path.join(path, name))
+            _fsync(path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return path
 
 
@@ -439,12 +568,14 @@ def load_target(target_dir: str, tc: TrainConfig):
 
 
 def train_drafter(target_dir: str, out_dir: str, data: DrafterData, tc: TrainConfig, resume: bool = False,
-                  command: str | None = None) -> dict:
+                  command: str | None = None, overwrite: bool = False) -> dict:
     """Train, save the head in vLLM's layout with its metrics, loss plot and card; returns
-    the metrics."""
+    the metrics. ``resume`` continues from OUT's checkpoint, ``overwrite`` replaces what an
+    earlier run left in OUT; without either, such a run is refused."""
     from parspec.tokenizer import Tokenizer
     from parspec.train.report import plot_metrics, write_card
 
+    check_out_dir(out_dir, resume, overwrite)
     target, target_cfg = load_target(target_dir, tc)
     tok = Tokenizer(target_dir)
     eos_ids = tuple(tok.eos_token_ids) + ((tok.bos_token_id,) if tok.bos_token_id is not None else ())
@@ -454,8 +585,10 @@ def train_drafter(target_dir: str, out_dir: str, data: DrafterData, tc: TrainCon
           f"{trainer.head_bytes / MiB:.2f} MiB in {tc.save_dtype} (budget {tc.max_bytes / MiB:.2f} MiB)")
     if resume and trainer.load_checkpoint():
         print(f"resumed from {trainer.checkpoint_dir} at step {trainer.step}")
+    elif os.path.isdir(trainer.checkpoint_dir):  # --overwrite: an earlier run's, not to be resumed by mistake
+        shutil.rmtree(trainer.checkpoint_dir)
     trainer.train()
-    os.makedirs(out_dir, exist_ok=True)
+    trainer.save_checkpoint()  # until the head and its files are all written
     trainer.save_head(out_dir)
     metrics = trainer.metrics
     metrics.update({"method": tc.method, "command": command, "config": asdict(tc),
@@ -464,8 +597,9 @@ def train_drafter(target_dir: str, out_dir: str, data: DrafterData, tc: TrainCon
                              "train_sequences": len(trainer.train_idx),
                              "heldout_sequences": len(trainer.heldout_idx)},
                     "steps_done": trainer.step})
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+    with open(os.path.join(out_dir, "metrics.json.tmp"), "w") as f:
         json.dump(metrics, f, indent=1)
+    os.replace(os.path.join(out_dir, "metrics.json.tmp"), os.path.join(out_dir, "metrics.json"))
     plot_metrics(metrics, os.path.join(out_dir, "loss.png"))
     write_card(metrics, os.path.join(out_dir, "README.md"))
     if not tc.keep_checkpoint and os.path.isdir(trainer.checkpoint_dir):

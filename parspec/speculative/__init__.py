@@ -8,12 +8,12 @@ from parspec.config import ConfigError, SpeculativeConfig
 def build_proposer(spec: SpeculativeConfig, target):
     """The proposer for ``spec.method``; ``target`` is a ``TargetView`` of the target model."""
     if spec.method == "ngram":
-        from parspec.spec.ngram import NgramProposer
+        from parspec.speculative.ngram import NgramProposer
         return NgramProposer(spec, target.device)
     if spec.method == "draft_model":
-        from parspec.spec.draft_model import DraftModelProposer
+        from parspec.speculative.draft_model import DraftModelProposer
         return DraftModelProposer(spec, target)
     if spec.method == "eagle3":
-        from parspec.spec.eagle3 import Eagle3Proposer
+        from parspec.speculative.eagle import Eagle3Proposer
         return Eagle3Proposer(spec, target)
     raise ConfigError(f"speculative method {spec.method!r} is not available yet")

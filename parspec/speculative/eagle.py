@@ -16,7 +16,7 @@ only gathers them). Its new entries are the fed positions whose features are val
 * after a decode step that fed ``[t[n-1], d1 .. dK]`` at positions ``n-1 .. n-1+K`` and
   accepted ``a`` drafts: entries ``n-1 .. n-1+a``, entry ``n-1+i`` carrying emitted token
   ``i``. ``a`` is only known on the device, so the pass has a fixed padded layout built
-  there (``parspec.spec.draft_inputs``): all K+1 fed positions, the rejected ones not
+  there (``parspec.speculative.draft_inputs``): all K+1 fed positions, the rejected ones not
   written and their outputs discarded, queries attending by position.
 
 Positions the drafter wrote speculatively (its later passes, P-EAGLE's mask slots) lie
@@ -33,7 +33,8 @@ the K-1 positions after the last accepted entry (token ``mask_token_id``, hidden
 Either way the drafter writes up to K-1 positions past what the target's step holds, so
 the scheduler reserves ``extra_slots`` = K-1 more. With ``parallel_drafting`` off a
 P-EAGLE head drafts sequentially (its mask_hidden unused); with it on, the head must have
-been trained for it.
+been trained for it: a mask token in its config (mask_token_id / ptd_token_id / pard_token)
+and mask_hidden in its checkpoint.
 """
 
 from __future__ import annotations
@@ -44,10 +45,10 @@ from dataclasses import dataclass
 
 from parspec.attention import AttentionMetadata
 from parspec.config import ConfigError, ModelConfig, SpeculativeConfig
-from parspec.models.eagle3 import Eagle3Config, Eagle3Drafter, default_aux_layers, load_eagle3
-from parspec.spec.draft_inputs import draft_inputs, slots_of
+from parspec.models.drafter import Eagle3Config, Eagle3Drafter, default_aux_layers, load_eagle3
+from parspec.speculative.draft_inputs import draft_inputs, slots_of
 from parspec.metadata import build_attention_metadata
-from parspec.spec.proposer import AfterVerifyDrafter, TargetView, sample_drafts
+from parspec.speculative.proposer import AfterVerifyDrafter, TargetView, sample_drafts
 from parspec.transfer import to_device
 
 MIN_LAYERS_FOR_DEFAULT_AUX = 4
@@ -84,10 +85,10 @@ def check_head_config(cfg: Eagle3Config, target: ModelConfig, path: str, paralle
         raise ConfigError(f"drafter {path}: vocab_size={cfg.vocab_size} but the target's vocab_size is "
                           f"{target.vocab_size}: drafter and target must share a vocabulary")
     if parallel:
-        if not cfg.parallel_drafting or cfg.mask_token_id is None:
-            raise ConfigError(f"parallel_drafting is on but drafter {path} is not a P-EAGLE head (its config "
-                              "has no parallel_drafting/mask_token_id, its checkpoint no mask_hidden); "
-                              "turn parallel_drafting off to draft sequentially with it")
+        if cfg.mask_token_id is None:
+            raise ConfigError(f"parallel_drafting is on but drafter {path} is not a P-EAGLE head: its config "
+                              "names no mask token (mask_token_id, ptd_token_id or pard_token) to go with a "
+                              "mask_hidden; turn parallel_drafting off to draft sequentially with it")
         if not 0 <= cfg.mask_token_id < cfg.vocab_size:
             raise ConfigError(f"drafter {path}: mask_token_id={cfg.mask_token_id} is outside the vocabulary "
                               f"[0, {cfg.vocab_size})")
@@ -138,7 +139,7 @@ class Eagle3Proposer(AfterVerifyDrafter):
         check_head_config(cfg, target.config, path, self.parallel)
         self.max_positions = target.max_model_len + 2 * self.k + 1
         self.model = load_eagle3(path, target.dtype, target.device, target_embedding=target.embed_tokens,
-                                 max_positions=self.max_positions)
+                                 max_positions=self.max_positions, require_mask_hidden=self.parallel)
         self.cfg = self.model.config
         check_head_model(self.model, target.config, self.aux_layers, path, self.parallel)
         self.mask_token_id = self.cfg.mask_token_id if self.parallel else None

@@ -18,7 +18,7 @@ from parspec.cuda_graphs import GraphCache, shared_pool
 from parspec.kv_cache import allocate_kv_cache, bind_kv_cache, kv_bytes_per_block
 from parspec.sampling import BatchSampling, probs_from_logits
 from parspec.sequence import DraftState
-from parspec.spec.verify import draw_verification_noise
+from parspec.speculative.verify import draw_verification_noise
 from parspec.step import Proposal
 from parspec.transfer import to_device
 
