@@ -39,11 +39,49 @@ def test_missing_directory():
         load_model("/nonexistent/model", torch.float32, CPU)
 
 
-def test_missing_weights_names_pickles(llama_dir):
+@pytest.mark.parametrize("pickled", ["pytorch_model.bin", "weights.pt"])
+def test_missing_weights_names_pickles(llama_dir, monkeypatch, pickled):
+    tensors = load_file(os.path.join(llama_dir, "model.safetensors"))
     os.remove(os.path.join(llama_dir, "model.safetensors"))
-    open(os.path.join(llama_dir, "pytorch_model.bin"), "wb").close()
-    with pytest.raises(LoadError, match="pytorch_model.bin.*safetensors"):
+    torch.save(tensors, os.path.join(llama_dir, pickled))
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("the loader must never unpickle a checkpoint")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    with pytest.raises(LoadError, match=f"{pickled}.*safetensors") as err:
         load_model(llama_dir, torch.float32, CPU)
+    # The message says how to convert, not only that safetensors is wanted.
+    assert "save_pretrained" in str(err.value) and "safe_serialization=True" in str(err.value)
+
+
+def test_integer_weight_is_rejected(llama_dir):
+    path = os.path.join(llama_dir, "model.safetensors")
+    tensors = load_file(path)
+    name = "model.layers.1.mlp.down_proj.weight"
+    tensors[name] = (tensors[name] * 100).to(torch.int32)
+    save_file(tensors, path)
+    with pytest.raises(LoadError, match=rf"{name}.*model\.safetensors.*torch\.int32.*floating"):
+        load_model(llama_dir, torch.float32, CPU)
+    tensors[name] = tensors[name].to(torch.float16)  # another float dtype is a cast, not an error
+    save_file(tensors, path)
+    load_model(llama_dir, torch.float32, CPU)
+
+
+def test_drafter_integer_buffers_still_load(tmp_path):
+    from parspec.models.drafter import Eagle3Config, Eagle3Drafter, load_eagle3, save_eagle3
+
+    cfg = Eagle3Config(hidden_size=16, intermediate_size=24, num_attention_heads=2, num_key_value_heads=1,
+                       head_dim=8, vocab_size=50, draft_vocab_size=5, target_hidden_size=16, aux_layer_ids=(0, 1, 2))
+    head = Eagle3Drafter(cfg)
+    head.d2t.copy_(torch.tensor([0, 2, 4, 6, 8]))
+    head.t2d.zero_()[[0, 3, 6, 9, 12]] = True
+    save_eagle3(head, str(tmp_path / "head"), include_embedding=True)
+    saved = load_file(str(tmp_path / "head" / "model.safetensors"))
+    assert saved["d2t"].dtype == torch.int64 and saved["t2d"].dtype == torch.bool
+    loaded = load_eagle3(str(tmp_path / "head"), torch.float32, "cpu")
+    assert torch.equal(loaded.d2t, head.d2t) and torch.equal(loaded.t2d, head.t2d)
+    assert torch.equal(loaded.fc.weight, head.fc.weight)
 
 
 def test_corrupt_safetensors(llama_dir):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import sys
 
 from parspec.config import ConfigError
 
@@ -66,6 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--dtype", default="auto", help="the target's dtype (auto: bf16 on CUDA, fp32 on CPU)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if it exists")
+    t.add_argument("--overwrite", action="store_true", help="replace the head or checkpoint an earlier run "
+                   "left in OUT (without --resume or --overwrite such a run is refused)")
     t.add_argument("--keep-checkpoint", action="store_true")
 
 
@@ -83,7 +86,8 @@ def run(args) -> int:
     from parspec.config import ModelConfig
     from parspec.loader import check_model_dir
     from parspec.train.data import DrafterData, GenerationConfig, build_data, check_corpus
-    from parspec.train.eagle3 import MiB, TrainConfig, check_head_size, drafter_config, train_drafter
+    from parspec.train.trainer import (MiB, TrainConfig, TrainingInterrupted, check_head_size, check_out_dir,
+                                       drafter_config, train_drafter)
 
     if args.data_only and not args.data:
         raise ConfigError("--data-only needs --data PATH")
@@ -103,6 +107,8 @@ def run(args) -> int:
         max_train_seconds=args.max_train_seconds, keep_checkpoint=args.keep_checkpoint)
     size = check_head_size(drafter_config(target_cfg, tc, args.mask_token_id), tc)
     print(f"head size: {size / MiB:.2f} MiB in {tc.save_dtype} (budget {tc.max_bytes / MiB:.2f} MiB)")
+    if not args.data_only:  # before hours of generation and training, not when saving
+        check_out_dir(args.out, args.resume, args.overwrite)
 
     if args.data and os.path.isfile(args.data):
         data = DrafterData.load(args.data)
@@ -128,7 +134,14 @@ def run(args) -> int:
             print(f"data saved to {args.data}")
     if args.data_only:
         return 0
-    metrics = train_drafter(args.target, args.out, data, tc, resume=args.resume, command=command_line(args))
+    try:
+        metrics = train_drafter(args.target, args.out, data, tc, resume=args.resume, command=command_line(args),
+                                overwrite=args.overwrite)
+    except TrainingInterrupted as e:
+        again = command_line(argparse.Namespace(**{**vars(args), "resume": True, "overwrite": False}))
+        print(f"\ninterrupted at step {e.step} of {tc.steps}: checkpoint saved in {e.checkpoint_dir}\n"
+              f"resume with: {again}", file=sys.stderr)
+        return 130
     ev = metrics["final_eval"]
     tau = ev["acceptance_length"]
     print(f"saved {args.out}: held-out top-1 per depth " + " ".join(f"{a:.3f}" for a in ev["acc"])
