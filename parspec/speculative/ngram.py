@@ -8,6 +8,7 @@ import torch
 
 from parspec.config import SpeculativeConfig
 from parspec.speculative.proposer import Proposal, Proposer
+from parspec.transfer import to_device
 
 
 def ngram_lookup(tokens: np.ndarray, n_min: int, n_max: int, k: int) -> np.ndarray:
@@ -38,7 +39,7 @@ class NgramProposer(Proposer):
             drafts[i, :len(found)] = found
             counts.append(len(found))
         return Proposal(
-            draft_tokens=torch.from_numpy(drafts).to(self.device, non_blocking=True),
-            num_drafts=torch.tensor(counts, dtype=torch.int32).to(self.device, non_blocking=True),
+            draft_tokens=to_device(drafts, torch.int64, self.device),
+            num_drafts=to_device(counts, torch.int32, self.device),
             num_drafts_host=counts,
         )

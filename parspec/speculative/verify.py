@@ -52,6 +52,8 @@ import torch
 import triton
 import triton.language as tl
 
+from parspec.transfer import to_device
+
 PLACEHOLDER = -1
 BLOCK_V = 1024
 # The vocabulary size is a tl.constexpr in the kernels: it is fixed per model, so this
@@ -445,7 +447,7 @@ def draw_verification_noise(batch_size: int, num_draft_slots: int, vocab_size: i
         uniforms.uniform_()
         noise.exponential_()
     elif unseeded:
-        idx = torch.tensor(unseeded, dtype=torch.int64).to(device, non_blocking=True)
+        idx = to_device(unseeded, torch.int64, device)
         uniforms.index_copy_(0, idx, torch.rand(len(unseeded), num_draft_slots,
                                                  dtype=torch.float32, device=device))
         noise.index_copy_(0, idx, torch.empty(len(unseeded), vocab_size, dtype=torch.float32,
