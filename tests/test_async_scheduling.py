@@ -97,3 +97,50 @@ def test_abort_all_drops_the_step_in_flight():
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
     outs = llm.generate(PROMPTS[:2], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 8 for o in outs)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_abort_one_request_frees_its_blocks_and_the_rest_go_on(async_scheduling):
+    params = SamplingParams(temperature=0.0, max_tokens=30)
+    _, reference, _ = _run(SPECS["p-eagle"], False, params)
+    llm = LLM(os.path.join(FIX, "target"), dtype="float32", speculative_config=SPECS["p-eagle"],
+              async_scheduling=async_scheduling, max_num_seqs=3)
+    engine = llm.engine
+    seqs = [engine.add_request(p, params, request_id=f"r{i}") for i, p in enumerate(PROMPTS)]
+    for _ in range(4):
+        engine.step()
+    free_before = engine.blocks.num_free_blocks
+    assert engine.abort_request("r1") and engine.abort_request("r4")  # one running, one waiting
+    assert not engine.abort_request("r1") and not engine.abort_request("nope")
+    assert engine.blocks.num_free_blocks > free_before  # r1's blocks came back at once
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert seqs[1].finish_reason == "abort" and seqs[4].finish_reason == "abort"
+    for i in (0, 2, 3):
+        assert seqs[i].output_token_ids == reference[i].outputs[0].token_ids
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_a_failing_step_leaves_the_engine_usable():
+    """An exception (here Ctrl-C) inside generate() aborts its requests, frees their blocks,
+    and the next generate() works and is correct."""
+    params = SamplingParams(temperature=0.0, max_tokens=20)
+    _, reference, _ = _run(SPECS["draft_model"], False, params)
+    llm = LLM(os.path.join(FIX, "target"), dtype="float32", speculative_config=SPECS["draft_model"],
+              async_scheduling=True)
+    runner_step = llm.engine.runner.step
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return runner_step(*args, **kwargs)
+
+    llm.engine.runner.step = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(PROMPTS, params, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests() and llm.engine._inflight is None
+    assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
+    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in reference]

@@ -313,6 +313,28 @@ class LLMEngine:
     def drafter_passes_per_step(self) -> float:
         return self.drafter_passes / self.draft_steps if self.draft_steps else 0.0
 
+    def abort_request(self, request_id: str) -> bool:
+        """Abort one request, waiting or running: its KV blocks are freed at once (a step still
+        in flight for it is queued on the device before anything that reuses them, and its
+        result for this request is discarded). Returns whether the request was there."""
+        for seq in self.scheduler.waiting:
+            if seq.request_id == request_id:
+                self.scheduler.waiting.remove(seq)
+                self._mark_aborted(seq)
+                return True
+        for seq in self.scheduler.running:
+            if seq.request_id == request_id:
+                self.scheduler.finish(seq)
+                self._release_draft_state(seq)
+                self._mark_aborted(seq)
+                return True
+        return False
+
+    @staticmethod
+    def _mark_aborted(seq: Sequence) -> None:
+        seq.status, seq.finish_reason, seq.inflight = Status.FINISHED, "abort", 0
+        seq.finish_time = time.perf_counter()
+
     def abort_all(self) -> None:
         if self._inflight is not None:  # its device work is queued before anything that reuses the blocks
             for seq in self._inflight[0]:
@@ -321,6 +343,9 @@ class LLMEngine:
         for seq in list(self.scheduler.running):
             self.scheduler.finish(seq)
             self._release_draft_state(seq)
+            self._mark_aborted(seq)
+        for seq in self.scheduler.waiting:
+            self._mark_aborted(seq)
         self.scheduler.waiting.clear()
 
     def generate(self, prompts, params, use_tqdm: bool = True) -> list[RequestOutput]:
@@ -336,7 +361,11 @@ class LLMEngine:
             self.abort_all()  # a bad prompt in the list leaves nothing half-queued
             raise
         speculative = self.proposer is not None
-        with tqdm(total=len(seqs), desc="generate", disable=not use_tqdm, unit="req") as bar:
-            while self.has_unfinished_requests():
-                bar.update(len(self.step()))
+        try:
+            with tqdm(total=len(seqs), desc="generate", disable=not use_tqdm, unit="req") as bar:
+                while self.has_unfinished_requests():
+                    bar.update(len(self.step()))
+        except BaseException:  # a failing step or Ctrl-C: free everything, keep the engine usable
+            self.abort_all()
+            raise
         return [RequestOutput.from_sequence(s, speculative) for s in seqs]
