@@ -9,8 +9,10 @@ the END of its ``seq_lens[b]`` cached tokens, and each attends causally. With
 (a drafter's padded layout, where some queries are discarded and others skip ahead).
 
 ``paged_attention_ref`` is the torch reference (CPU and GPU); the Triton kernels
-below it compute the same; ``paged_attention`` / ``write_kv`` dispatch to Triton on
-CUDA tensors and to the reference elsewhere.
+below it compute the same; ``paged_attention`` dispatches to Triton on CUDA tensors and
+to the reference elsewhere. The model layers write K/V with the rotary fused in
+(``parspec.layer_kernels.rope_and_write_kv``, whose reference is ``write_kv_ref``);
+``write_kv_triton`` stays the plain scatter, for a caller with K/V already rotated.
 """
 
 from __future__ import annotations
@@ -97,13 +99,6 @@ def _attend_padded(q, k_cache, v_cache, block_tables, seq_lens, max_len: int, sc
     visible = (k_pos[None, None, :] <= q_pos[:, :, None]) & present[:, None, :, 0, 0]  # causal, inside
     scores.masked_fill_(~visible[:, None], float("-inf"))
     return torch.einsum("ghqs,gshd->gqhd", scores.softmax(dim=-1), v)
-
-
-def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
-    if k.is_cuda:
-        write_kv_triton(k, v, k_cache, v_cache, slot_mapping)
-    else:
-        write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
 
 
 def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:

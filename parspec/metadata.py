@@ -43,13 +43,18 @@ def build_attention_metadata(block_tables: list[list[int]], starts: list[int], q
     return to_device(positions, torch.int64, device), meta
 
 
+def slots_of(block_tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Cache slots of ``positions`` [B, n] through each row's block table [B, W]."""
+    blocks = block_tables.long().gather(1, positions // block_size)
+    return blocks * block_size + positions % block_size
+
+
 def decode_metadata_ref(base: torch.Tensor, block_tables: torch.Tensor, q_len: int,
                         block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``base`` [B] int64, ``block_tables`` [B, W] int32 -> positions [B*Q] int64,
     slot_mapping [B*Q] int64, seq_lens [B] int32 for Q queries at ``base .. base+Q-1``."""
     positions = base.long()[:, None] + torch.arange(q_len, device=base.device)
-    blocks = block_tables.long().gather(1, positions // block_size)
-    slots = blocks * block_size + positions % block_size
+    slots = slots_of(block_tables, positions, block_size)
     return positions.flatten(), slots.flatten(), (base + q_len).to(torch.int32)
 
 

@@ -224,10 +224,12 @@ class LLMEngine:
         return all(len(s) + s.inflight + room <= self.max_model_len for s in seqs)
 
     def _may_continue(self) -> bool:
-        seqs = self._inflight[0]
-        if self._inflight[2] or [s for s in seqs if s.status != Status.FINISHED] != list(self.scheduler.running):
+        """Whether the in-flight step's batch can go on as it is: a decode step, none of its
+        sequences finished, exactly the running set, and room to grow without preempting."""
+        seqs, _, prefill = self._inflight
+        if prefill or any(s.status == Status.FINISHED for s in seqs) or seqs != list(self.scheduler.running):
             return False
-        if any(s.status == Status.FINISHED for s in seqs) or not self._may_overlap(seqs):
+        if not self._may_overlap(seqs):
             return False
         return all(self.blocks.can_grow(s.block_table, len(s) + s.inflight + self.scheduler.lookahead) for s in seqs)
 

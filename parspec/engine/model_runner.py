@@ -20,6 +20,7 @@ from parspec.sampling import BatchSampling, probs_from_logits
 from parspec.sequence import Sequence
 from parspec.step import Proposal, StepOutput
 from parspec.cuda_graphs import GraphCache, batch_buckets, bucket_for, shared_pool
+from parspec.speculative.proposer import padded_generators
 from parspec.speculative.verify import draw_verification_noise, verify_greedy, verify_rejection
 from parspec.transfer import pinned, to_device
 
@@ -138,8 +139,8 @@ class ModelRunner:
         if sampling.all_greedy:
             return verify_greedy(drafts, num_drafts, logits)
         target_probs = probs_from_logits(logits, sampling)
-        generators = [s.generator for s in seqs] + [None] * (rows - len(seqs))
-        uniforms, noise = draw_verification_noise(rows, drafts.shape[1], logits.shape[-1], generators, self.device)
+        uniforms, noise = draw_verification_noise(rows, drafts.shape[1], logits.shape[-1],
+                                                  padded_generators(seqs, rows), self.device)
         draft_probs = None
         if proposal is not None and proposal.draft_probs is not None:
             draft_probs = proposal.draft_probs

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from parspec.metadata import slots_of
+
 
 @dataclass
 class DraftInputs:
@@ -35,12 +37,6 @@ class DraftInputs:
     slot_mapping: torch.Tensor  # [B * Q] int64, -1 for rejected entries
     seq_lens: torch.Tensor  # [B] int32: last position written + 1
     sample_rows: torch.Tensor  # [B * (1 + num_mask)] int64: rows whose logits are drafts, in depth order
-
-
-def slots_of(block_tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Cache slots of ``positions`` [B, n] through each row's block table [B, W]."""
-    blocks = block_tables.long().gather(1, positions // block_size)
-    return blocks * block_size + positions % block_size
 
 
 def draft_inputs_ref(out_tokens: torch.Tensor, num_accepted: torch.Tensor, base: torch.Tensor,

@@ -8,11 +8,9 @@ import os
 
 import torch
 
-from parspec.attention import AttentionMetadata
 from parspec.config import ConfigError, SpeculativeConfig
-from parspec.metadata import build_attention_metadata
+from parspec.metadata import build_attention_metadata, decode_metadata
 from parspec.loader import load_model
-from parspec.speculative.draft_inputs import slots_of
 from parspec.speculative.proposer import AfterVerifyDrafter, TargetView, sample_drafts
 from parspec.transfer import to_device
 
@@ -81,27 +79,19 @@ class DraftModelProposer(AfterVerifyDrafter):
         out = self.staged_input("output_tokens", rows)
         tables = self.staged_input("block_tables", rows)
         first = self.staged_input("base_positions", rows) + acc  # position of fed token a
-        positions = first[:, None] + torch.arange(2, device=self.device)
+        positions, meta = decode_metadata(first, tables, 2, self.block_size, self.max_positions)
         tokens = torch.stack([fed.gather(1, acc[:, None])[:, 0], out.gather(1, acc[:, None])[:, 0]], dim=1)
-        meta = AttentionMetadata(slot_mapping=slots_of(tables, positions, self.block_size).flatten(),
-                                 query_start_loc=self.query_starts(rows, 2), seq_lens=(first + 2).to(torch.int32),
-                                 block_tables=tables, max_query_len=2, max_seq_len=self.max_positions)
         last = torch.arange(1, 2 * rows, 2, device=self.device)
-        return self._passes(tokens.flatten(), positions.flatten(), meta, last, first + 1, tables, sampling,
-                            generators)
+        return self._passes(tokens.flatten(), positions, meta, last, first + 1, tables, sampling, generators)
 
     def _passes(self, tokens, positions, meta, last, base, tables, sampling, generators):
         """Pass 1 over the given entries (drafting from rows ``last``, at positions ``base``),
         then K-1 passes of one entry per sequence."""
-        b = base.shape[0]
         drafts, probs = [], []
         for i in range(self.k):
             if i:
-                pos = base + i
-                meta = AttentionMetadata(slot_mapping=slots_of(tables, pos[:, None], self.block_size)[:, 0],
-                                         query_start_loc=self.query_starts(b, 1), seq_lens=(pos + 1).to(torch.int32),
-                                         block_tables=tables, max_query_len=1, max_seq_len=self.max_positions)
-                tokens, positions, last = drafts[-1], pos, None
+                positions, meta = decode_metadata(base + i, tables, 1, self.block_size, self.max_positions)
+                tokens, last = drafts[-1], None
             hidden, _ = self.model(tokens, positions, meta)
             logits = self.model.compute_logits(hidden if last is None else hidden.index_select(0, last))
             token, q = sample_drafts(logits, sampling, generators)

@@ -46,8 +46,8 @@ from dataclasses import dataclass
 from parspec.attention import AttentionMetadata
 from parspec.config import ConfigError, ModelConfig, SpeculativeConfig
 from parspec.models.drafter import Eagle3Config, Eagle3Drafter, default_aux_layers, load_eagle3
-from parspec.speculative.draft_inputs import draft_inputs, slots_of
-from parspec.metadata import build_attention_metadata
+from parspec.speculative.draft_inputs import draft_inputs
+from parspec.metadata import build_attention_metadata, decode_metadata
 from parspec.speculative.proposer import AfterVerifyDrafter, TargetView, sample_drafts
 from parspec.transfer import to_device
 
@@ -215,11 +215,7 @@ class Eagle3Proposer(AfterVerifyDrafter):
         drafts, probs = [], []
         for i in range(self.k):
             if i:
-                pos = base + i
-                slots = slots_of(tables, pos[:, None], self.block_size)[:, 0]
-                meta = AttentionMetadata(slot_mapping=slots, query_start_loc=self.query_starts(b, 1),
-                                         seq_lens=(pos + 1).to(torch.int32), block_tables=tables, max_query_len=1,
-                                         max_seq_len=self.max_positions)
+                pos, meta = decode_metadata(base + i, tables, 1, self.block_size, self.max_positions)
                 normed, prenorm = self.model(token, pos, prenorm, meta)
             token, q = self._choose(self.model.compute_logits(normed)[:, None], sampling, generators)
             token = token[:, 0]
