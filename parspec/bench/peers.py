@@ -243,9 +243,10 @@ def build_gpt_fast_model(model_mod, model_dir: str, device, dtype: torch.dtype, 
 
 
 def gpt_fast_bench(src_dir: str, target_dir: str, draft_dir: str, prompt_ids: list[list[int]], max_tokens: int,
-                   k: int, dtype: str, device, compile: bool = True) -> dict:
+                   k: int, dtype: str, device, compile: bool = True, on_part=None) -> dict:
     """gpt-fast plain decoding and speculative decoding with the draft LM, batch 1, greedy
-    (its temperature floor of 1e-5 makes its sampler an argmax)."""
+    (its temperature floor of 1e-5 makes its sampler an argmax). ``on_part(name, result)`` gets
+    the plain result before the speculative run starts (its compile alone takes minutes)."""
     device = torch.device(device)
     tdtype = parse_dtype(dtype)
     model_mod, gen = load_gpt_fast(src_dir)
@@ -305,6 +306,8 @@ def gpt_fast_bench(src_dir: str, target_dir: str, draft_dir: str, prompt_ids: li
             results["gpt_fast_compiled" if compile else "gpt_fast_plain"] = {**_timed(plain, prompt_ids, device), **notes}
         except Exception as e:
             results["gpt_fast_compiled" if compile else "gpt_fast_plain"] = {"error": error_text(e)}
+        if on_part is not None:
+            on_part(*next(iter(results.items())))
         try:
             draft = build_gpt_fast_model(model_mod, draft_dir, device, tdtype, max_seq)
             gen.decode_n_tokens = decode_n_tokens_1d
@@ -338,21 +341,9 @@ def run_peers(names, pair, prompt_ids: list[list[int]], max_tokens: int, k: int,
                                                   assistant_dir=pair.draft, assistant_k=k)
         runs["hf_prompt_lookup"] = lambda: hf_generate(pair.target, prompt_ids, max_tokens, dtype, device,
                                                        prompt_lookup_k=k)
-    if "gpt-fast" in names:
-        runs["gpt_fast"] = lambda: gpt_fast_bench(gpt_fast_dir, pair.target, pair.draft, prompt_ids, max_tokens,
-                                                  k, dtype, device, compile=gpt_fast_compile)
     peers = {}
-    for name, run in runs.items():
-        log(f"bench: peer {name} ({len(prompt_ids)} prompts, batch 1)")
-        try:
-            if name == "gpt_fast" and not gpt_fast_dir:
-                raise PeerUnsupported("no gpt-fast checkout given (--gpt-fast DIR)")
-            result = run()
-            peers.update(result if name == "gpt_fast" else {name: result})
-        except Exception as e:  # a peer never aborts the run
-            peers[name] = {"error": error_text(e)}
-            log(f"bench: peer {name} failed: {peers[name]['error']}")
-        _free(torch.device(device))
+
+    def publish():
         for p in peers.values():
             outputs = p.pop("outputs", None)
             if "error" in p or "speedup_vs_no_spec" in p:
@@ -364,4 +355,24 @@ def run_peers(names, pair, prompt_ids: list[list[int]], max_tokens: int, k: int,
                 p["mismatched_prompts"] = differ
         if on_result is not None:
             on_result(peers)
+
+    def gpt_fast_part(name, result):
+        peers[name] = result
+        publish()
+
+    if "gpt-fast" in names:
+        runs["gpt_fast"] = lambda: gpt_fast_bench(gpt_fast_dir, pair.target, pair.draft, prompt_ids, max_tokens,
+                                                  k, dtype, device, compile=gpt_fast_compile, on_part=gpt_fast_part)
+    for name, run in runs.items():
+        log(f"bench: peer {name} ({len(prompt_ids)} prompts, batch 1)")
+        try:
+            if name == "gpt_fast" and not gpt_fast_dir:
+                raise PeerUnsupported("no gpt-fast checkout given (--gpt-fast DIR)")
+            result = run()
+            peers.update(result if name == "gpt_fast" else {name: result})
+        except Exception as e:  # a peer never aborts the run
+            peers[name] = {"error": error_text(e)}
+            log(f"bench: peer {name} failed: {peers[name]['error']}")
+        _free(torch.device(device))
+        publish()
     return peers
