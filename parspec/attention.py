@@ -128,6 +128,17 @@ def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) 
 # is computed per sequence on the device, so short sequences in a long batch get short
 # chunks and possibly empty ones), and writes its normalised partial output and
 # log-sum-exp to a float32 scratch buffer; ``_attn_reduce_kernel`` merges them.
+#
+# Batch-invariant mode (``batch_invariant=True``, parspec.batch_invariant): the default
+# sizes BLOCK_M from the step's query length and cuts a tile's keys into a split count
+# chosen from the batch, so a row's arithmetic follows its neighbours. In the mode the
+# query tile is fixed (``invariant_block_m``), split ``s`` is always keys [s*SPLIT_KEYS,
+# (s+1)*SPLIT_KEYS) of the sequence, and the splits of a row merge one after another in
+# split order (``_merge_split``): over a split grid reduced by ``_attn_merge_kernel``, or
+# inside the program when a grid would not pay. A split past a row's keys is empty and
+# merges as an exact no-op, so neither a tile's other rows nor the grid's depth (from
+# max_seq_len) reach a row's bits. Both paths run without fused multiply-adds, so the two
+# merge loops round identically.
 
 
 # -- write_kv ---------------------------------------------------------------------------
@@ -215,13 +226,15 @@ def _choose_num_splits(num_seqs: int, num_kv_heads: int, num_m_tiles: int, max_s
     return max(1, min(want, by_len, SPLIT_MAX))
 
 
-def _attn_config(dtype: torch.dtype, block_d: int, group: int, max_query_len: int):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) from host ints only."""
+def _attn_config(dtype: torch.dtype, block_d: int, group: int, max_query_len: int, block_m: int | None = None):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) from host ints only; ``block_m`` fixes the
+    query tile (the batch-invariant mode) instead of sizing it from ``max_query_len``."""
     wide = dtype == torch.float32 or block_d > 128
-    rows = max(max_query_len * group, triton.next_power_of_2(group))
-    block_m = max(16, triton.next_power_of_2(rows))
-    block_m = min(block_m, 64 if wide else 128)
-    block_m = max(block_m, triton.next_power_of_2(group))
+    if block_m is None:
+        rows = max(max_query_len * group, triton.next_power_of_2(group))
+        block_m = max(16, triton.next_power_of_2(rows))
+        block_m = min(block_m, 64 if wide else 128)
+        block_m = max(block_m, triton.next_power_of_2(group))
     block_n = 32 if wide else 64
     num_warps = 8 if block_m >= 128 else 4
     num_stages = 3 if block_m <= 32 else 2
@@ -294,7 +307,8 @@ def _paged_attn_kernel(
         NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
         TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, DOT_IEEE: tl.constexpr, HAS_QPOS: tl.constexpr):
+        NUM_SPLITS: tl.constexpr, DOT_IEEE: tl.constexpr, HAS_QPOS: tl.constexpr,
+        SPLIT_KEYS: tl.constexpr, MERGE_IN_PROGRAM: tl.constexpr):
     # Heaviest (last, most keys) query tiles first.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -335,12 +349,6 @@ def _paged_attn_kernel(
         last_q = tl.minimum(m_start + TOKENS, q_len) - 1
         kv_visible = ctx + last_q + 1
         full_end = ((ctx + m_start + 1) // BLOCK_N) * BLOCK_N
-    n_tiles = tl.cdiv(kv_visible, BLOCK_N)
-    tiles_per_split = tl.cdiv(n_tiles, NUM_SPLITS)
-    kv_lo = pid_s * tiles_per_split * BLOCK_N
-    kv_hi = tl.minimum(kv_lo + tiles_per_split * BLOCK_N, kv_visible)
-    unmasked_end = tl.maximum(tl.minimum(full_end, kv_hi), kv_lo)
-
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -348,7 +356,68 @@ def _paged_attn_kernel(
     k_base = k_cache_ptr + kvh * stride_kh
     v_base = v_cache_ptr + kvh * stride_vh
     offs_n0 = tl.arange(0, BLOCK_N)
+    st_mask = row_valid[:, None] & d_ok[None, :]
+    o_ptrs = out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od
 
+    if SPLIT_KEYS == 0:
+        # Default: the tile's keys cut into NUM_SPLITS equal, BLOCK_N-aligned chunks.
+        n_tiles = tl.cdiv(kv_visible, BLOCK_N)
+        tiles_per_split = tl.cdiv(n_tiles, NUM_SPLITS)
+        kv_lo = pid_s * tiles_per_split * BLOCK_N
+        kv_hi = tl.minimum(kv_lo + tiles_per_split * BLOCK_N, kv_visible)
+        acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, k_base, v_base, bt_row, kv_lo, kv_hi, full_end, q_pos,
+                                     qk_scale, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
+                                     offs_n0, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N, EVEN_D, DOT_IEEE)
+        if NUM_SPLITS == 1:
+            has = l_i > 0.0
+            o = acc / tl.where(has, l_i, 1.0)[:, None]
+            tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=st_mask)
+        else:
+            o, lse = _split_result(acc, l_i, m_i)
+            row_id = (pid_s * num_tokens + q_rows) * NUM_Q_HEADS + head  # [S, T, Hq] scratch
+            tl.store(lse_part_ptr + row_id, lse, mask=row_valid)
+            tl.store(o_part_ptr + row_id[:, None] * HEAD_DIM + offs_d[None, :], o, mask=st_mask)
+    elif MERGE_IN_PROGRAM:
+        # Batch-invariant, one program per tile: the same splits of SPLIT_KEYS keys as the
+        # split grid below, attended and merged in split order exactly as _attn_merge_kernel does.
+        m_run = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        w_run = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc_run = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for s in range(0, tl.cdiv(kv_visible, SPLIT_KEYS)):
+            kv_lo = s * SPLIT_KEYS
+            kv_hi = tl.minimum(kv_lo + SPLIT_KEYS, kv_visible)
+            acc, l_i, m_i = _attend_keys(tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32),
+                                         tl.zeros([BLOCK_M], dtype=tl.float32),
+                                         tl.full([BLOCK_M], float("-inf"), dtype=tl.float32),
+                                         q, k_base, v_base, bt_row, kv_lo, kv_hi, full_end, q_pos,
+                                         qk_scale, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
+                                         offs_n0, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N, EVEN_D, DOT_IEEE)
+            o, lse = _split_result(acc, l_i, m_i)
+            m_run, w_run, acc_run = _merge_split(m_run, w_run, acc_run, lse, o)
+        o = acc_run / tl.where(w_run > 0.0, w_run, 1.0)[:, None]
+        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=st_mask)
+    else:
+        # Batch-invariant split grid: split pid_s is keys [pid_s * SPLIT_KEYS, + SPLIT_KEYS),
+        # whatever the batch; splits past a tile's keys are empty (lse -inf, merged as no-ops).
+        kv_lo = pid_s * SPLIT_KEYS
+        kv_hi = tl.minimum(kv_lo + SPLIT_KEYS, kv_visible)
+        acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, k_base, v_base, bt_row, kv_lo, kv_hi, full_end, q_pos,
+                                     qk_scale, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
+                                     offs_n0, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N, EVEN_D, DOT_IEEE)
+        o, lse = _split_result(acc, l_i, m_i)
+        row_id = (pid_s * num_tokens + q_rows) * NUM_Q_HEADS + head
+        tl.store(lse_part_ptr + row_id, lse, mask=row_valid)
+        tl.store(o_part_ptr + row_id[:, None] * HEAD_DIM + offs_d[None, :], o, mask=st_mask)
+
+
+@triton.jit
+def _attend_keys(acc, l_i, m_i, q, k_base, v_base, bt_row, kv_lo, kv_hi, full_end, q_pos, qk_scale,
+                 stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, offs_n0, offs_d,
+                 HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 EVEN_D: tl.constexpr, DOT_IEEE: tl.constexpr):
+    """Online softmax over keys [kv_lo, kv_hi): tiles below ``full_end`` (seen by every row)
+    without masks, the rest masked."""
+    unmasked_end = tl.maximum(tl.minimum(full_end, kv_hi), kv_lo)
     for start in range(kv_lo, unmasked_end, BLOCK_N):
         acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, k_base, v_base, bt_row, start, kv_hi, q_pos,
                                    qk_scale, stride_kb, stride_ks, stride_kd,
@@ -359,18 +428,28 @@ def _paged_attn_kernel(
                                    qk_scale, stride_kb, stride_ks, stride_kd,
                                    stride_vb, stride_vs, stride_vd, offs_n0, offs_d,
                                    HEAD_DIM, BLOCK_SIZE, True, EVEN_D, DOT_IEEE)
+    return acc, l_i, m_i
 
+
+@triton.jit
+def _split_result(acc, l_i, m_i):
+    """A split's normalised output and log2-sum-exp (-inf for a row that saw no key)."""
     has = l_i > 0.0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
-    st_mask = row_valid[:, None] & d_ok[None, :]
-    if NUM_SPLITS == 1:
-        o_ptrs = out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od
-        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=st_mask)
-    else:
-        lse = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-        row_id = (pid_s * num_tokens + q_rows) * NUM_Q_HEADS + head  # [S, T, Hq] scratch
-        tl.store(lse_part_ptr + row_id, lse, mask=row_valid)
-        tl.store(o_part_ptr + row_id[:, None] * HEAD_DIM + offs_d[None, :], o, mask=st_mask)
+    lse = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    return o, lse
+
+
+@triton.jit
+def _merge_split(m_run, w_run, acc_run, lse, o):
+    """Folds one split (log2-sum-exp ``lse``, output ``o``) into a running merge; an empty
+    split (lse -inf) leaves it exactly as it was. Both batch-invariant paths merge through
+    this one function, in split order."""
+    m_new = tl.maximum(m_run, lse)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    a = tl.math.exp2(m_run - m_safe)
+    b = tl.math.exp2(lse - m_safe)
+    return m_new, w_run * a + b, acc_run * a[:, None] + o * b[:, None]
 
 
 @triton.jit
@@ -396,13 +475,72 @@ def _attn_reduce_kernel(lse_part_ptr, o_part_ptr, out_ptr, num_tokens,
              res.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
+@triton.jit
+def _attn_merge_kernel(lse_part_ptr, o_part_ptr, out_ptr, num_tokens,
+                       stride_ot, stride_oh, stride_od,
+                       NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+                       BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """Batch-invariant reduce: one token's heads, its splits merged one after another in split
+    order (the in-program path's order and arithmetic), never as a tree whose shape would
+    follow the number of splits."""
+    t = tl.program_id(0).to(tl.int64)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    h_ok = offs_h < NUM_Q_HEADS
+    mask = h_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    m_run = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    w_run = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc_run = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    for s in range(0, NUM_SPLITS):
+        row_id = (s * num_tokens + t) * NUM_Q_HEADS + offs_h
+        lse = tl.load(lse_part_ptr + row_id, mask=h_ok, other=float("-inf"))
+        o = tl.load(o_part_ptr + row_id[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
+        m_run, w_run, acc_run = _merge_split(m_run, w_run, acc_run, lse, o)
+    res = acc_run / tl.where(w_run > 0.0, w_run, 1.0)[:, None]
+    tl.store(out_ptr + t * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :] * stride_od,
+             res.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# Batch-invariant mode (parspec.batch_invariant): attention keys are cut into splits of this
+# many keys, counted from key 0 of each sequence, whatever the batch, so a row's splits, and
+# the order they merge in, depend on its own position only. A multiple of every BLOCK_N.
+SPLIT_KEYS = 256
+# Past this much float32 scratch (splits x tokens x heads x head_dim) a batch-invariant call
+# merges its splits inside each program instead of over a split grid: the same arithmetic.
+INVARIANT_SCRATCH_BYTES = 256 << 20
+
+
+def invariant_block_m(group: int) -> int:
+    """The query tile of the batch-invariant mode: a function of the head grouping only, never
+    of the query length, so a decode row, a verify row and a prefill row share one compiled
+    kernel and its arithmetic."""
+    return max(32, triton.next_power_of_2(group))
+
+
 # Per-config launch fallbacks found necessary at run time (OutOfResources), keyed by config.
 _ATTN_FALLBACK: dict[tuple, tuple[int, int]] = {}
 
 
+def _launch_config(q: torch.Tensor, k_cache: torch.Tensor, group: int, head_dim: int, block_m, block_n,
+                   max_query_len: int, batch_invariant: bool):
+    """(block_m, block_n, num_warps, num_stages, fallback key) from host ints only."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    fixed_m = invariant_block_m(group) if batch_invariant else None
+    cfg_m, cfg_n, num_warps, num_stages = _attn_config(q.dtype, block_d, group, max_query_len, block_m=fixed_m)
+    block_m = block_m or cfg_m
+    block_n = block_n or cfg_n
+    assert block_m >= group, "a query tile must hold at least one token's group of heads"
+    # One key for both batch-invariant variants: a fallback to a smaller BLOCK_N then changes
+    # both alike, never one path's arithmetic alone.
+    key = (q.dtype, k_cache.dtype, head_dim, group, block_m, block_n, "invariant" if batch_invariant else None)
+    return block_m, block_n, num_warps, num_stages, key
+
+
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            meta: AttentionMetadata, scale: float, *, num_splits: int | None = None,
-                           block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
+                           block_m: int | None = None, block_n: int | None = None,
+                           batch_invariant: bool = False, split_keys: int | None = None,
+                           merge_in_program: bool | None = None) -> torch.Tensor:
     """Triton twin of :func:`paged_attention_ref`: causal paged attention, ``[T, Hq, D]`` out.
 
     One launch (plus a small reduce launch when split-KV is on) for any mix of prefill,
@@ -420,9 +558,18 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     left unspecified, as in the reference. Call once before capturing (Triton compiles
     on the first call of each configuration).
 
+    ``batch_invariant=True`` (parspec.batch_invariant): a row's arithmetic depends on its
+    own position and keys only. The query tile is :func:`invariant_block_m`, the keys are
+    cut into splits of ``split_keys`` (default :data:`SPLIT_KEYS`) counted from key 0, and
+    the splits merge in order, either over a split grid of ``cdiv(max_seq_len, split_keys)``
+    (then ``meta.max_seq_len`` MUST bound every sequence's length) with a sequential reduce,
+    or inside each program (``merge_in_program``; default: when the grid would already fill
+    the GPU or its scratch would pass INVARIANT_SCRATCH_BYTES); both give the same bits. Every
+    launch of the mode is compiled without fused multiply-adds, so the two merge loops round alike.
+
     Keyword-only knobs (tests / tuning): ``num_splits`` forces the split-KV factor
-    (default: :func:`_choose_num_splits`), ``block_m`` / ``block_n`` force tile sizes
-    (powers of two >= 16; ``block_m`` >= group).
+    (default: :func:`_choose_num_splits`; not with ``batch_invariant``), ``block_m`` /
+    ``block_n`` force tile sizes (powers of two >= 16; ``block_m`` >= group).
     """
     num_tokens, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, head_dim_k = k_cache.shape
@@ -436,18 +583,32 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return out
 
     block_d = max(16, triton.next_power_of_2(head_dim))
-    cfg_m, cfg_n, num_warps, num_stages = _attn_config(q.dtype, block_d, group, meta.max_query_len)
-    block_m = block_m or cfg_m
-    block_n = block_n or cfg_n
-    assert block_m >= group, "a query tile must hold at least one token's group of heads"
+    block_m, block_n, num_warps, num_stages, key = _launch_config(
+        q, k_cache, group, head_dim, block_m, block_n, meta.max_query_len, batch_invariant)
     tokens = block_m // group
     num_m_tiles = triton.cdiv(meta.max_query_len, tokens)
+    sms = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
+        if q.is_cuda else _DEFAULT_NUM_SMS
 
-    if num_splits is None:
-        sms = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
-            if q.is_cuda else _DEFAULT_NUM_SMS
-        num_splits = _choose_num_splits(num_seqs, num_kv_heads, num_m_tiles, meta.max_seq_len, sms)
-    num_splits = max(1, int(num_splits))
+    if batch_invariant:
+        if num_splits is not None:
+            raise ValueError(f"num_splits={num_splits} cannot be forced in the batch-invariant mode: "
+                             "its splits are split_keys long")
+        split_keys = split_keys or SPLIT_KEYS
+        if split_keys % block_n:
+            raise ValueError(f"split_keys={split_keys} must be a multiple of BLOCK_N={block_n}")
+        num_splits = triton.cdiv(max(meta.max_seq_len, 1), split_keys)
+        if merge_in_program is None:
+            scratch = num_splits * num_tokens * num_q_heads * head_dim * 4
+            merge_in_program = (num_seqs * num_kv_heads * num_m_tiles >= sms
+                                or scratch > INVARIANT_SCRATCH_BYTES)
+        if merge_in_program or num_splits == 1:
+            merge_in_program, num_splits = True, 1
+    else:
+        split_keys, merge_in_program = 0, False
+        if num_splits is None:
+            num_splits = _choose_num_splits(num_seqs, num_kv_heads, num_m_tiles, meta.max_seq_len, sms)
+        num_splits = max(1, int(num_splits))
 
     if num_splits > 1:
         lse_part = torch.empty((num_splits, num_tokens, num_q_heads), dtype=torch.float32, device=q.device)
@@ -457,7 +618,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         lse_part = o_part = out  # unused
 
     dot_ieee = q.dtype == torch.float32
-    key = (q.dtype, k_cache.dtype, head_dim, group, block_m, block_n, num_splits > 1)
+    key = key + (num_splits > 1,) if not batch_invariant else key
     candidates = [(block_n, num_stages), (block_n, 1), (max(16, block_n // 2), 1)]
     if key in _ATTN_FALLBACK:
         candidates = [_ATTN_FALLBACK[key]]
@@ -475,7 +636,9 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                 NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, TOKENS=tokens,
                 HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
                 BLOCK_M=block_m, BLOCK_N=bn, NUM_SPLITS=num_splits, DOT_IEEE=dot_ieee,
-                HAS_QPOS=meta.query_positions is not None, num_warps=num_warps, num_stages=stages)
+                HAS_QPOS=meta.query_positions is not None, SPLIT_KEYS=split_keys,
+                MERGE_IN_PROGRAM=merge_in_program, num_warps=num_warps, num_stages=stages,
+                enable_fp_fusion=not batch_invariant)
             _ATTN_FALLBACK[key] = (bn, stages)
             err = None
             break
@@ -484,7 +647,12 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if err is not None:
         raise err
 
-    if num_splits > 1:
+    if num_splits > 1 and batch_invariant:
+        _attn_merge_kernel[(num_tokens,)](
+            lse_part, o_part, out, num_tokens, *out.stride(),
+            NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(num_q_heads),
+            BLOCK_D=block_d, NUM_SPLITS=num_splits, num_warps=4, enable_fp_fusion=False)
+    elif num_splits > 1:
         _attn_reduce_kernel[(num_tokens, num_q_heads)](
             lse_part, o_part, out, num_tokens, *out.stride(),
             NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,

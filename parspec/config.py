@@ -255,7 +255,11 @@ class EngineConfig:
     device: str = "auto"
     max_model_len: int | None = None
     max_num_seqs: int = 64
+    # Tokens one step may feed. With chunked prefill, decodes take K + 1 each first and context
+    # chunks get the rest; 8192 is vLLM's offline default (its server uses 2048 on smaller GPUs:
+    # smaller chunks stall running requests less, larger ones prefill faster).
     max_num_batched_tokens: int = 8192
+    enable_chunked_prefill: bool = True  # vLLM's flag: prompts prefilled in chunks beside running decodes
     block_size: int = 16
     num_kv_blocks: int | None = None
     gpu_memory_utilization: float = 0.85
@@ -264,12 +268,22 @@ class EngineConfig:
     async_scheduling: bool | None = None  # launch a decode step before reading the last; None: on with CUDA graphs
     seed: int | None = 0  # vLLM's engine-wide seed: seeds random, numpy and torch at start; None leaves them
     skip_tokenizer_init: bool = False
+    # The target computes every row the same way whatever the batch (parspec.batch_invariant):
+    # greedy speculative output then equals no-spec output bit for bit in any dtype.
+    batch_invariant: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.batch_invariant, bool):
+            raise ConfigError(f"batch_invariant must be true or false, got {self.batch_invariant!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise ConfigError(f"seed must be an integer or None, got {self.seed!r}")
         if self.max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        tokens = self.max_num_batched_tokens
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
+            raise ConfigError(f"max_num_batched_tokens must be an integer >= 1, got {tokens!r}")
+        if not isinstance(self.enable_chunked_prefill, bool):
+            raise ConfigError(f"enable_chunked_prefill must be true or false, got {self.enable_chunked_prefill!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

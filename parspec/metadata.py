@@ -6,6 +6,7 @@
   built on the device from the per-sequence base position and the block tables by one
   kernel (``decode_metadata``), so a step needs no host-built per-token lists and the
   whole forward can be a CUDA graph. ``decode_metadata_ref`` is its torch reference.
+* A decode part and context chunks in one forward: the two joined (``concat_metadata``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,23 @@ def build_attention_metadata(block_tables: list[list[int]], starts: list[int], q
         max_seq_len=max(seq_lens),
     )
     return to_device(positions, torch.int64, device), meta
+
+
+def concat_metadata(first: AttentionMetadata, second: AttentionMetadata) -> AttentionMetadata:
+    """``first``'s sequences followed by ``second``'s as one batch (a step's decode rows and
+    its context chunks in one forward), joined on the device without a host sync."""
+    if first.query_positions is not None or second.query_positions is not None:
+        raise ValueError("concat_metadata joins plain causal batches (query_positions unset)")
+    width = max(first.block_tables.shape[1], second.block_tables.shape[1])
+    tables = [torch.nn.functional.pad(m.block_tables, (0, width - m.block_tables.shape[1])) for m in (first, second)]
+    return AttentionMetadata(
+        slot_mapping=torch.cat([first.slot_mapping, second.slot_mapping]),
+        query_start_loc=torch.cat([first.query_start_loc, second.query_start_loc[1:] + first.query_start_loc[-1]]),
+        seq_lens=torch.cat([first.seq_lens, second.seq_lens]),
+        block_tables=torch.cat(tables),
+        max_query_len=max(first.max_query_len, second.max_query_len),
+        max_seq_len=max(first.max_seq_len, second.max_seq_len),
+    )
 
 
 def slots_of(block_tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -9,7 +9,35 @@ from enum import Enum
 
 import torch
 
+from parspec.detokenizer import CompletionText
 from parspec.sampling import SamplingParams
+
+
+@dataclass
+class TokenLogprob:
+    """One emitted token's log-probability under the target's distribution."""
+
+    token_id: int
+    logprob: float
+    rank: int  # 1 = the most likely token
+    top: list[tuple[int, float]]  # the params.logprobs most likely (token_id, logprob), best first
+
+
+@dataclass
+class RequestDelta:
+    """What one completion did since the last LLMEngine.pop_deltas(): the unit a server streams."""
+
+    request_id: str
+    index: int  # which of the request's n completions (0..n-1)
+    new_token_ids: list[int]  # tokens emitted since the last delta of this completion
+    new_text: str  # never half a UTF-8 character, never text past a stop string
+    new_logprobs: list[TokenLogprob] | None  # aligned with new_token_ids when asked for
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error"
+    stop_reason: str | int | None
+    num_prompt_tokens: int
+    num_output_tokens: int  # tokens of this completion so far
+    error: str | None = None  # the message when finish_reason == "error"
 
 
 @dataclass
@@ -90,10 +118,14 @@ class SpecStats:
 
 
 class Sequence:
+    """One completion of a request: a request with ``params.n`` > 1 has n of them, each with
+    its ``index``, sharing the request_id and the prompt."""
+
     def __init__(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                 prompt: str | None = None):
+                 prompt: str | None = None, index: int = 0, tokenizer=None):
         self.seq_id = next(_ids)
         self.request_id = request_id if request_id is not None else str(self.seq_id)
+        self.index = index
         self.prompt = prompt
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
@@ -102,15 +134,28 @@ class Sequence:
         self.num_cached = 0  # leading tokens whose K/V are in the cache
         self.inflight = 0  # tokens a launched, not yet read step may still add (an upper bound)
         self.block_table: list[int] = []
-        self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        seed = self.seed
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
-        self.text = ""
+        self.error: str | None = None  # the message when finish_reason == "error"
+        self.text = ""  # the final text, set when the sequence finishes
+        # The text as it is generated (None without a tokenizer).
+        self.stream = None if tokenizer is None else CompletionText(
+            tokenizer, params.skip_special_tokens, params.stop, params.include_stop_str_in_output)
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self._sent_tokens = 0  # output tokens already handed out in deltas
         self.spec = SpecStats()
         self.arrival_time = time.perf_counter()
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
         self.draft = DraftState()
+
+    @property
+    def seed(self) -> int | None:
+        """vLLM's parallel sampling: completion i of a seeded request samples with seed + i
+        (vllm/v1/engine/parallel_sampling.py), so completion 0 repeats the n=1 request."""
+        return None if self.params.seed is None else self.params.seed + self.index
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -131,6 +176,23 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status == Status.FINISHED
 
+    def take_delta(self) -> RequestDelta:
+        """What this completion did since the last call: new tokens, their text (what a stop
+        string may still cut stays back until the end), logprobs and the finish."""
+        sent, self._sent_tokens = self._sent_tokens, self.num_output_tokens
+        finished = self.is_finished
+        return RequestDelta(
+            request_id=self.request_id, index=self.index,
+            new_token_ids=self.token_ids[self.num_prompt_tokens + sent:],  # O(new tokens), not O(output)
+            new_text=self.stream.take(finished) if self.stream is not None else "",
+            new_logprobs=None if self.logprobs is None else self.logprobs[sent:],
+            finished=finished, finish_reason=self.finish_reason, stop_reason=self.stop_reason,
+            num_prompt_tokens=self.num_prompt_tokens, num_output_tokens=self._sent_tokens, error=self.error)
+
+    def completion(self) -> CompletionOutput:
+        return CompletionOutput(self.index, self.text, self.output_token_ids, self.finish_reason, self.stop_reason,
+                                None if self.logprobs is None else list(self.logprobs))
+
 
 @dataclass
 class CompletionOutput:
@@ -139,6 +201,7 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None
     stop_reason: str | int | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token id when the request asked
 
 
 @dataclass
@@ -163,15 +226,29 @@ class RequestOutput:
     spec_stats: dict = field(default_factory=dict)  # empty without speculation
 
     @classmethod
-    def from_sequence(cls, seq: Sequence, speculative: bool) -> RequestOutput:
-        ttft = seq.first_token_time - seq.arrival_time if seq.first_token_time else None
-        latency = seq.finish_time - seq.arrival_time if seq.finish_time else None
+    def from_sequences(cls, seqs: list[Sequence], speculative: bool) -> RequestOutput:
+        """One request's output from its completions (all n of them, any order)."""
+        seqs = sorted(seqs, key=lambda s: s.index)
+        first = seqs[0]
+        firsts = [s.first_token_time for s in seqs if s.first_token_time is not None]
+        ends = [s.finish_time for s in seqs]
+        first_token = min(firsts) if firsts else None
+        finish = max(ends) if all(t is not None for t in ends) else None
+        ttft = first_token - first.arrival_time if first_token else None
+        latency = finish - first.arrival_time if finish else None
+        stats = SpecStats()
+        for s in seqs:
+            stats.merge(s.spec)
         return cls(
-            request_id=seq.request_id,
-            prompt=seq.prompt,
-            prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
-            outputs=[CompletionOutput(0, seq.text, seq.output_token_ids, seq.finish_reason, seq.stop_reason)],
-            finished=seq.is_finished,
-            metrics=RequestMetrics(seq.arrival_time, seq.first_token_time, seq.finish_time, ttft, latency),
-            spec_stats=seq.spec.as_dict() if speculative else {},
+            request_id=first.request_id,
+            prompt=first.prompt,
+            prompt_token_ids=first.token_ids[:first.num_prompt_tokens],
+            outputs=[s.completion() for s in seqs],
+            finished=all(s.is_finished for s in seqs),
+            metrics=RequestMetrics(first.arrival_time, first_token, finish, ttft, latency),
+            spec_stats=stats.as_dict() if speculative else {},
         )
+
+    @classmethod
+    def from_sequence(cls, seq: Sequence, speculative: bool) -> RequestOutput:
+        return cls.from_sequences([seq], speculative)

@@ -123,7 +123,7 @@ def test_bad_requests_leave_engine_working(model_factory):
     with pytest.raises(RequestError, match="empty"):
         llm.generate({"prompt_token_ids": []}, use_tqdm=False)
     for bad, match in [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": -5}, "top_k"),
-                       ({"max_tokens": 0}, "max_tokens"), ({"n": 2}, "n=2"), ({"seed": "x"}, "seed")]:
+                       ({"max_tokens": 0}, "max_tokens"), ({"n": 0}, "n must be"), ({"seed": "x"}, "seed")]:
         with pytest.raises(SamplingError, match=match):
             SamplingParams(**bad)
     out = llm.generate(good, SamplingParams(max_tokens=4, **GREEDY), use_tqdm=False)

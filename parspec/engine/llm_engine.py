@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -11,16 +12,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from parspec.batch_invariant import set_batch_invariant
 from parspec.config import ConfigError, EngineConfig, ModelConfig, SpeculativeConfig, parse_dtype
 from parspec.engine.model_runner import ModelRunner
 from parspec.engine.scheduler import Scheduler
 from parspec.engine.timing import StepEvents
-from parspec.sequence import RequestOutput, Sequence, SpecStats, Status
+from parspec.sequence import RequestDelta, RequestOutput, Sequence, SpecStats, Status
 from parspec.speculative.proposer import TargetView
-from parspec.step import StepOutput
+from parspec.step import PrefillChunks, StepOutput
 from parspec.kv_cache import BlockManager, kv_bytes_per_block
 from parspec.loader import load_model
-from parspec.sampling import SamplingParams
+from parspec.sampling import SamplingError, SamplingParams
 from parspec.speculative import build_proposer
 from parspec.tokenizer import Tokenizer
 
@@ -33,6 +35,38 @@ def _no_mark(phase: str) -> None:
 
 class RequestError(ValueError):
     """A request is malformed (prompt too long, bad token ids, ...); the engine stays usable."""
+
+
+class StepError(RuntimeError):
+    """A step failed. The requests it ran (``request_ids``) are finished with finish_reason
+    "error" and their blocks freed; every other request goes on with the next step()."""
+
+    def __init__(self, message: str, request_ids: list[str]):
+        super().__init__(message)
+        self.request_ids = request_ids
+
+
+def _fails_cleanly(step):
+    """Wraps LLMEngine.step so that a failure hits only the step's own sequences: they are
+    finished ("error"; "abort" for Ctrl-C) with their blocks freed, any step in flight is
+    dropped, and the engine keeps serving everything else. An Exception surfaces as StepError
+    naming the requests; KeyboardInterrupt and the like propagate as themselves."""
+
+    @functools.wraps(step)
+    def guarded(self):
+        hit = list(self._inflight[0]) if self._inflight is not None else []  # read by this call
+        self._batch = []  # _launch records what this call launches
+        try:
+            return step(self)
+        except Exception as e:
+            what = f"{type(e).__name__}: {e}"
+            ids = self._fail(hit + self._batch, "error", what)
+            raise StepError(f"an engine step failed ({what}); requests {ids} finished with 'error'", ids) from e
+        except BaseException:
+            self._fail(hit + self._batch, "abort", None)
+            raise
+
+    return guarded
 
 
 class LLMEngine:
@@ -51,6 +85,8 @@ class LLMEngine:
         k = self.spec_config.num_speculative_tokens if self.spec_config else 0
         self.model, self.model_config = load_model(cfg.model, self.dtype, self.device,
                                                    max_positions=self.max_model_len + k + 1, cfg=model_cfg)
+        if cfg.batch_invariant:  # the target only: drafts never decide which tokens are emitted
+            set_batch_invariant(self.model)
         self.tokenizer = None if cfg.skip_tokenizer_init else Tokenizer(cfg.model)
         use_graphs = not cfg.enforce_eager and self.device.type == "cuda"
         target = TargetView(self.model_config, cfg.model, self.device, self.dtype, self.model.model.embed_tokens,
@@ -63,7 +99,10 @@ class LLMEngine:
         self.drafter_slots = extra
         self.k = k
         self.async_scheduling = use_graphs if cfg.async_scheduling is None else cfg.async_scheduling
-        self._inflight: tuple[list[Sequence], StepOutput, bool] | None = None  # launched, not yet read
+        self._inflight: tuple[list[Sequence], StepOutput] | None = None  # a decode step launched, not yet read
+        self._batch: list[Sequence] = []  # the sequences of the last launched step (what a failure hits)
+        self._requests: dict[str, list[Sequence]] = {}  # unfinished request id -> its n completions
+        self._changed: dict[int, Sequence] = {}  # seq_id -> completions with news for pop_deltas()
         self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=cfg.block_size, device=self.device,
                                   dtype=self.dtype, aux_layers=aux, max_num_seqs=cfg.max_num_seqs,
                                   num_query_tokens=k + 1, max_positions=self.max_model_len + k + extra + 1,
@@ -71,8 +110,10 @@ class LLMEngine:
         if self.proposer:
             self.proposer.allocate(num_blocks, cfg.block_size)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens, k + extra,
-                                   prefill_lookahead=extra, on_preempt=self._release_draft_state)
+                                   prefill_lookahead=extra, on_preempt=self._release_draft_state,
+                                   decode_tokens=k + 1, chunked_prefill=cfg.enable_chunked_prefill)
         self.eos_token_ids = set(self.tokenizer.eos_token_ids if self.tokenizer else model_cfg.eos_token_id)
+        self.runner.eos_token_ids = tuple(sorted(self.eos_token_ids))  # min_tokens masks them
         self.reset_stats()
 
     # --- set-up -------------------------------------------------------------------------
@@ -121,6 +162,8 @@ class LLMEngine:
 
     # --- requests -----------------------------------------------------------------------
     def add_request(self, prompt, params: SamplingParams, request_id: str | None = None) -> Sequence:
+        """Queues a request: ``params.n`` completions under one request_id (each a Sequence with
+        its ``index``). Returns completion 0; ``completions(request_id)`` lists them all."""
         token_ids, text = self._prompt_tokens(prompt)
         if not token_ids:
             raise RequestError("the prompt is empty")
@@ -133,14 +176,27 @@ class LLMEngine:
                                "(room for at least one generated token is needed)")
         if not isinstance(params, SamplingParams):
             raise RequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        bad_bias = [t for t in params.logit_bias or {} if t >= vocab]
+        if bad_bias:
+            raise SamplingError(f"logit_bias has token ids out of the vocabulary [0, {vocab}): {bad_bias[:5]}")
         if params.stop and self.tokenizer is None:
             raise RequestError(f"stop strings {params.stop!r} need a tokenizer (skip_tokenizer_init=True); "
                                "use stop_token_ids")
-        seq = Sequence(token_ids, params, request_id, text)
-        if params.seed is not None:
-            seq.generator = torch.Generator(self.device).manual_seed(params.seed)
-        self.scheduler.add(seq)
-        return seq
+        if request_id is not None and request_id in self._requests:
+            raise RequestError(f"request id {request_id!r} is already in use by an unfinished request")
+        first = Sequence(token_ids, params, request_id, text, 0, self.tokenizer)
+        seqs = [first] + [Sequence(token_ids, params, first.request_id, text, i, self.tokenizer)
+                          for i in range(1, params.n)]
+        for seq in seqs:
+            if seq.seed is not None:
+                seq.generator = torch.Generator(self.device).manual_seed(seq.seed)
+            self.scheduler.add(seq)
+        self._requests[first.request_id] = seqs
+        return first
+
+    def completions(self, request_id: str) -> list[Sequence]:
+        """An unfinished request's completions in index order ([] once all have finished)."""
+        return list(self._requests.get(request_id, ()))
 
     def _prompt_tokens(self, prompt) -> tuple[list[int], str | None]:
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
@@ -156,67 +212,94 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     # --- the loop -----------------------------------------------------------------------
+    @_fails_cleanly
     def step(self) -> list[Sequence]:
         """Schedule -> draft -> one target forward + verify -> advance. Returns finished sequences.
 
         With asynchronous scheduling a steady decode step is launched from the previous step's
         result ON THE DEVICE (next positions and last tokens are computed there), before the
         host reads that result, so the host's bookkeeping overlaps the GPU's work; the step
-        then stays in flight until the next call. Anything else (a prefill, a change of the
-        running set, a sequence near its length limit) drains it first and runs as before."""
+        then stays in flight until the next call. Anything else (context chunks to feed, a
+        change of the running set, a sequence near its length limit) drains it first.
+
+        A step with context chunks (prefill) runs the running sequences' decode rows and the
+        chunks in one eager forward and is read at once (``_mixed_step``)."""
         finished = []
         if self._inflight is not None:
             if self._may_continue():
                 return self._continue()
             finished = self._complete(*self._inflight)
             self._inflight = None
-        seqs, prefill = self.scheduler.schedule()
+        batch = self.scheduler.schedule()
+        if batch.prefill is not None:
+            return finished + self._mixed_step(batch.decode, batch.prefill)
+        seqs = batch.decode
         if not seqs:
             return finished
-        out = self._launch(seqs, prefill, None)
-        if not prefill and self._may_overlap(seqs):
-            self._inflight = (seqs, out, prefill)
+        out, _ = self._launch(seqs, None)
+        if self._may_overlap(seqs):
+            self._inflight = (seqs, out)
             return finished
-        return finished + self._complete(seqs, out, prefill)
+        return finished + self._complete(seqs, out)
 
-    def _launch(self, seqs: list[Sequence], prefill: bool, previous: StepOutput | None) -> StepOutput:
-        """Draft, run the target and verify, all queued on the device; nothing is read back."""
-        mark = self.step_events.mark if self.step_events is not None and not prefill else _no_mark
+    def _launch(self, seqs: list[Sequence], previous: StepOutput | None,
+                chunks: PrefillChunks | None = None) -> tuple[StepOutput | None, StepOutput | None]:
+        """Draft, run the target and verify, all queued on the device; nothing is read back.
+        Returns the decode rows' output and the chunks' (each None when there are none)."""
+        # a failure from here until the step is read hits these (see _fails_cleanly)
+        self._batch = seqs + chunks.seqs if chunks is not None else seqs
+        mark = self.step_events.mark if self.step_events is not None and chunks is None else _no_mark
         mark("begin")
-        proposal = None if prefill or self.proposer is None else self.proposer.propose(seqs)
+        proposal = self.proposer.propose(seqs) if self.proposer is not None and seqs else None
         mark("drafted")
         if proposal is not None:
             self.drafter_passes += proposal.drafter_passes
             self.draft_steps += 1
-        out = self.runner.step(seqs, prefill, proposal, previous)  # one target forward + verification
+        out, prefilled = self.runner.step(seqs, proposal, previous, chunks)  # one target forward + verification
         mark("verified")
-        if self.proposer:
-            self.proposer.after_verify(seqs, out, prefill)  # EAGLE-3 and the draft LM draft the next step here
+        if self.proposer:  # EAGLE-3 and the draft LM draft the next step here
+            if seqs:
+                self.proposer.after_verify(seqs, out, False)
+            if chunks is not None:
+                self.proposer.after_verify(chunks.seqs, prefilled, True)
         mark("end")
-        if not prefill:
-            for seq in seqs:
-                seq.inflight += self.k + 1  # at most this many tokens arrive when the step is read
-        return out
+        for seq in seqs:
+            seq.inflight += self.k + 1  # at most this many tokens arrive when the step is read
+        return out, prefilled
 
-    def _complete(self, seqs: list[Sequence], out: StepOutput, prefill: bool) -> list[Sequence]:
+    def _complete(self, seqs: list[Sequence], out: StepOutput) -> list[Sequence]:
+        """Read a decode step's result and advance its sequences."""
         out.fetch()  # the step's one host synchronisation
-        if not prefill:
-            for seq in seqs:
-                seq.inflight -= self.k + 1
+        for seq in seqs:
+            seq.inflight -= self.k + 1
         live = [i for i, s in enumerate(seqs) if s.status != Status.FINISHED]  # finished while it ran
         if len(live) < len(seqs):
             seqs = [seqs[i] for i in live]
             out.tokens = [out.tokens[i] for i in live]
             out.num_drafts = [out.num_drafts[i] for i in live]
+            if out.logprobs is not None:
+                out.logprobs = [out.logprobs[i] for i in live]
         if self.proposer:
-            self.proposer.observe(seqs, out, prefill)
-        return self._advance(seqs, out, prefill)
+            self.proposer.observe(seqs, out, False)
+        return self._advance(seqs, out, False)
+
+    def _mixed_step(self, seqs: list[Sequence], chunks: PrefillChunks) -> list[Sequence]:
+        """Decode rows and context chunks in one eager step, read at once (never left in flight)."""
+        out, prefilled = self._launch(seqs, None, chunks)
+        prefilled.fetch()  # queued after the decode rows' result: this one wait covers both
+        if self.proposer:
+            self.proposer.observe(chunks.seqs, prefilled, True)
+        done = chunks.num_done
+        for seq, n in zip(chunks.seqs[done:], chunks.lens[done:]):
+            seq.num_cached += n  # a partial chunk: cached, nothing emitted
+        finished = self._advance(chunks.seqs[:done], prefilled, True)
+        return finished + (self._complete(seqs, out) if seqs else [])
 
     def _may_overlap(self, seqs: list[Sequence]) -> bool:
         """Whether the next step may be launched before this one is read: decode steps whose
-        drafts live on the device, nobody waiting, and no sequence near max_model_len (a step
+        drafts live on the device, no context to prefill, and no sequence near max_model_len (a step
         launched past a finished sequence must stay inside its tables)."""
-        if not self.async_scheduling or self.scheduler.waiting:
+        if not self.async_scheduling or self.scheduler.has_prefill_work() or any(s.params.needs_history for s in seqs):
             return False
         if self.proposer is not None and not self.proposer.drafts_on_device:
             return False
@@ -224,10 +307,10 @@ class LLMEngine:
         return all(len(s) + s.inflight + room <= self.max_model_len for s in seqs)
 
     def _may_continue(self) -> bool:
-        """Whether the in-flight step's batch can go on as it is: a decode step, none of its
-        sequences finished, exactly the running set, and room to grow without preempting."""
-        seqs, _, prefill = self._inflight
-        if prefill or any(s.status == Status.FINISHED for s in seqs) or seqs != list(self.scheduler.running):
+        """Whether the in-flight step's batch can go on as it is: none of its sequences
+        finished, exactly the running set, and room to grow without preempting."""
+        seqs, _ = self._inflight
+        if any(s.status == Status.FINISHED for s in seqs) or seqs != list(self.scheduler.running):
             return False
         if not self._may_overlap(seqs):
             return False
@@ -235,18 +318,19 @@ class LLMEngine:
 
     def _continue(self) -> list[Sequence]:
         """Launch the next step from the in-flight one's device result, then read that result."""
-        prev_seqs, prev_out, _ = self._inflight
-        seqs, prefill = self.scheduler.schedule()
-        assert not prefill and seqs == prev_seqs, "the scheduler changed a batch the engine checked"
-        out = self._launch(seqs, False, prev_out)
-        finished = self._complete(prev_seqs, prev_out, False)
-        self._inflight = (seqs, out, False) if len(finished) < len(seqs) else None
+        prev_seqs, prev_out = self._inflight
+        batch = self.scheduler.schedule()
+        seqs = batch.decode
+        assert batch.prefill is None and seqs == prev_seqs, "the scheduler changed a batch the engine checked"
+        out, _ = self._launch(seqs, prev_out)
+        finished = self._complete(prev_seqs, prev_out)
+        self._inflight = (seqs, out) if len(finished) < len(seqs) else None
         return finished
 
     def _advance(self, seqs: list[Sequence], out: StepOutput, prefill: bool) -> list[Sequence]:
         finished = []
         now = time.perf_counter()
-        for seq, tokens, num_drafts in zip(seqs, out.tokens, out.num_drafts):
+        for i, (seq, tokens, num_drafts) in enumerate(zip(seqs, out.tokens, out.num_drafts)):
             seq.num_cached = len(seq) - 1 + len(tokens)  # fed tokens, accepted drafts included
             if not seq.inflight:  # a step still in flight reads and writes past this one's end
                 # Roll back rejected slots; keep what the drafter wrote past them for the next step.
@@ -254,51 +338,90 @@ class LLMEngine:
             if not prefill:
                 seq.spec.record(num_drafts, len(tokens) - 1)
                 self.stats.record(num_drafts, len(tokens) - 1)
+            if not tokens:
+                continue
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            for token in tokens:
+            self._changed[seq.seq_id] = seq
+            logprobs = out.logprobs[i] if out.logprobs is not None and seq.logprobs is not None else None
+            for j, token in enumerate(tokens):
                 seq.token_ids.append(token)
-                if self._check_stop(seq, token):
+                if logprobs is not None:
+                    seq.logprobs.append(logprobs[j])
+                reason = self._check_stop(seq, token)
+                if reason is not None:  # the tokens after this one are dropped
+                    self._finish(seq, *reason)
+                    finished.append(seq)
                     break
-            if seq.status == Status.FINISHED:
-                seq.finish_time = now
-                self._finalize_text(seq)
-                self.scheduler.finish(seq)
-                self._release_draft_state(seq)
-                finished.append(seq)
         return finished
 
-    def _check_stop(self, seq: Sequence, token: int) -> bool:
+    def _check_stop(self, seq: Sequence, token: int) -> tuple[str, str | int | None] | None:
+        """Why ``seq`` stops at ``token`` (just appended), as (finish_reason, stop_reason), or None.
+
+        vLLM's rules: no stop of any kind before min_tokens output tokens (a stop string must
+        also end in text after them); an EOS or stop_token_ids token stays out of the text
+        unless include_stop_str_in_output; a stop string cuts the text where it starts (where
+        it ends with include_stop_str_in_output). The text grows by this token only, so the
+        check costs O(new text + longest stop string), not O(output)."""
         p = seq.params
         n = seq.num_output_tokens
         reason = None
-        if not p.ignore_eos and token in self.eos_token_ids:
-            reason = ("stop", None)
-        elif token in p.stop_token_ids:
-            reason = ("stop", token)
-        elif p.stop and self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.output_token_ids, p.skip_special_tokens)
-            hit = min(((text.find(s), s) for s in p.stop if s in text), default=None)
-            if hit is not None:
-                seq.text = text[:hit[0]]
-                reason = ("stop", hit[1])
+        if n >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                reason = ("stop", None)
+            elif token in p.stop_token_ids:
+                reason = ("stop", token)
+        if seq.stream is not None and (reason is None or p.include_stop_str_in_output):
+            stop = seq.stream.push(token, check_stops=reason is None and n > p.min_tokens)
+            if stop is not None:
+                return "stop", stop
         if reason is None and p.max_tokens is not None and n >= p.max_tokens:
             reason = ("length", None)
         if reason is None and len(seq) >= self.max_model_len:
             reason = ("length", None)
-        if reason is None:
-            return False
-        seq.status = Status.FINISHED
-        seq.finish_reason, seq.stop_reason = reason
-        return True
+        return reason
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None,
+                error: str | None = None) -> None:
+        """Takes a completion out of the engine: its blocks and drafter state freed at once,
+        its final text set, a final delta queued for pop_deltas()."""
+        if seq in self.scheduler.running:
+            self.scheduler.finish(seq)
+        else:  # waiting (a preempted one may still hold blocks) or between the queues
+            if seq in self.scheduler.waiting:
+                self.scheduler.waiting.remove(seq)
+            self.blocks.free(seq.seq_id, seq.block_table)
+        self._release_draft_state(seq)
+        seq.status, seq.finish_reason, seq.stop_reason, seq.error = Status.FINISHED, reason, stop_reason, error
+        seq.finish_time = time.perf_counter()
+        self._finalize_text(seq)
+        self._changed[seq.seq_id] = seq
+        group = self._requests.get(seq.request_id)
+        if group is not None and all(s.is_finished for s in group):
+            del self._requests[seq.request_id]
 
     def _finalize_text(self, seq: Sequence) -> None:
-        if self.tokenizer is None or (seq.finish_reason == "stop" and isinstance(seq.stop_reason, str)):
+        """The final text is the full decode of the output (less an EOS / stop_token_ids token
+        unless include_stop_str_in_output), or the streamed text cut at a stop string."""
+        if seq.stream is None:
             return
-        ids = seq.output_token_ids
-        if seq.finish_reason == "stop":  # vLLM keeps an EOS or stop_token_ids token in token_ids, not in text
-            ids = ids[:-1]
-        seq.text = self.tokenizer.decode(ids, seq.params.skip_special_tokens)
+        if seq.finish_reason == "stop" and isinstance(seq.stop_reason, str):
+            final = seq.stream.text
+        else:
+            ids = seq.output_token_ids
+            if seq.finish_reason == "stop" and not seq.params.include_stop_str_in_output:
+                ids = ids[:-1]  # vLLM keeps the EOS / stop_token_ids token in token_ids, not in text
+            final = self.tokenizer.decode(ids, seq.params.skip_special_tokens)
+        seq.stream.settle(final)
+        seq.text = final
+
+    def pop_deltas(self) -> list[RequestDelta]:
+        """Everything since the last call: one RequestDelta per completion that got tokens,
+        finished, was aborted or failed, in the order that first happened. A completion's
+        streamed text holds back the last (longest stop string - 1) characters until they are
+        safe. Deltas wait here until popped (generate() takes its own requests' deltas)."""
+        changed, self._changed = self._changed, {}
+        return [seq.take_delta() for seq in changed.values()]
 
     def _release_draft_state(self, seq: Sequence) -> None:
         if self.proposer:
@@ -316,58 +439,81 @@ class LLMEngine:
         return self.drafter_passes / self.draft_steps if self.draft_steps else 0.0
 
     def abort_request(self, request_id: str) -> bool:
-        """Abort one request, waiting or running: its KV blocks are freed at once (a step still
-        in flight for it is queued on the device before anything that reuses them, and its
-        result for this request is discarded). Returns whether the request was there."""
-        for seq in self.scheduler.waiting:
-            if seq.request_id == request_id:
-                self.scheduler.waiting.remove(seq)
-                self._mark_aborted(seq)
-                return True
-        for seq in self.scheduler.running:
-            if seq.request_id == request_id:
-                self.scheduler.finish(seq)
-                self._release_draft_state(seq)
-                self._mark_aborted(seq)
-                return True
-        return False
-
-    @staticmethod
-    def _mark_aborted(seq: Sequence) -> None:
-        seq.status, seq.finish_reason, seq.inflight = Status.FINISHED, "abort", 0
-        seq.finish_time = time.perf_counter()
+        """Abort a request's completions, waiting or running: their KV blocks are freed at once
+        (a step still in flight for them is queued on the device before anything that reuses
+        them, and its result for them is discarded) and each gets a final "abort" delta.
+        Returns whether the request was there, unfinished."""
+        seqs = self._requests.get(request_id)
+        if seqs is None:
+            return False
+        for seq in seqs:
+            if not seq.is_finished:
+                seq.inflight = 0
+                self._finish(seq, "abort")
+        return True
 
     def abort_all(self) -> None:
-        if self._inflight is not None:  # its device work is queued before anything that reuses the blocks
+        self._drop_inflight()
+        for request_id in list(self._requests):
+            self.abort_request(request_id)
+
+    def _drop_inflight(self) -> None:
+        """Forget the step in flight: its device work is queued before anything that reuses its blocks."""
+        if self._inflight is not None:
             for seq in self._inflight[0]:
                 seq.inflight = 0
             self._inflight = None
-        for seq in list(self.scheduler.running):
-            self.scheduler.finish(seq)
-            self._release_draft_state(seq)
-            self._mark_aborted(seq)
-        for seq in self.scheduler.waiting:
-            self._mark_aborted(seq)
-        self.scheduler.waiting.clear()
+
+    def _fail(self, hit: list[Sequence], reason: str, error: str | None) -> list[str]:
+        """Finish the unfinished sequences a failed step ran; returns their request ids. A step
+        that failed before launching anything (in the scheduler) hits what it was scheduling."""
+        self._drop_inflight()
+        hit = hit or list(self.scheduler.running) or list(self.scheduler.waiting)[:1]
+        ids = []
+        for seq in dict.fromkeys(hit):
+            if not seq.is_finished:
+                seq.inflight = 0
+                self._finish(seq, reason, error=error)
+                ids.append(seq.request_id)
+        return list(dict.fromkeys(ids))
 
     def generate(self, prompts, params, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Runs ``prompts`` to the end; one RequestOutput each (with its n completions), in order.
+
+        The engine may be busy: other requests share the steps, go on after this returns, and
+        their deltas stay for pop_deltas() (this call takes its own). A step that fails for one
+        of these requests, a bad prompt or Ctrl-C aborts this call's requests (only those) and
+        re-raises; the engine stays usable. A failure that hit only other requests is theirs."""
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise RequestError(f"{len(prompts)} prompts but {len(params)} sampling params")
-        if self.has_unfinished_requests():
-            raise RequestError("generate() needs an idle engine; other requests are in flight")
+        groups: list[list[Sequence]] = []
         try:
-            seqs = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
-        except Exception:
-            self.abort_all()  # a bad prompt in the list leaves nothing half-queued
+            for prompt, sp in zip(prompts, params):
+                groups.append(self.completions(self.add_request(prompt, sp).request_id))
+            with tqdm(total=len(groups), desc="generate", disable=not use_tqdm, unit="req") as bar:
+                self._run_until_finished(groups, bar)
+        except BaseException:
+            for group in groups:
+                self.abort_request(group[0].request_id)
             raise
+        finally:
+            for seq in (s for group in groups for s in group):
+                self._changed.pop(seq.seq_id, None)
         speculative = self.proposer is not None
-        try:
-            with tqdm(total=len(seqs), desc="generate", disable=not use_tqdm, unit="req") as bar:
-                while self.has_unfinished_requests():
-                    bar.update(len(self.step()))
-        except BaseException:  # a failing step or Ctrl-C: free everything, keep the engine usable
-            self.abort_all()
-            raise
-        return [RequestOutput.from_sequence(s, speculative) for s in seqs]
+        return [RequestOutput.from_sequences(group, speculative) for group in groups]
+
+    def _run_until_finished(self, groups: list[list[Sequence]], bar) -> None:
+        left = [group for group in groups if not all(s.is_finished for s in group)]
+        while left:
+            if not self.has_unfinished_requests():
+                raise RuntimeError("generate(): the engine lost requests it had not finished")
+            try:
+                self.step()
+            except StepError:
+                if any(s.finish_reason == "error" for group in left for s in group):
+                    raise
+            still = [group for group in left if not all(s.is_finished for s in group)]
+            bar.update(len(left) - len(still))
+            left = still

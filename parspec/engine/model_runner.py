@@ -8,17 +8,20 @@ buffers to the logits is one CUDA graph per bucket (``GraphCache``); with graphs
 same function runs eagerly over the same shapes, so the output is identical. Padding
 rows point at the cache's pad block, which no sequence owns.
 
-Prefill steps (any lengths) run eagerly with metadata built on the host."""
+A step with context chunks (prefill, chunked or whole) runs eagerly: the decode rows,
+staged as above, and the chunks of any lengths go through ONE forward with ragged
+metadata built on the host (``_mixed``); logits are computed only for the decode rows and
+the last token of each chunk that completes its context."""
 
 from __future__ import annotations
 
 import torch
 
 from parspec.kv_cache import allocate_kv_cache, bind_kv_cache
-from parspec.metadata import build_attention_metadata, decode_metadata
-from parspec.sampling import BatchSampling, probs_from_logits
+from parspec.metadata import build_attention_metadata, concat_metadata, decode_metadata
+from parspec.sampling import BatchSampling, SamplingHistory, probs_from_logits, process_logits, token_logprobs
 from parspec.sequence import Sequence
-from parspec.step import Proposal, StepOutput
+from parspec.step import PrefillChunks, Proposal, StepOutput
 from parspec.cuda_graphs import GraphCache, batch_buckets, bucket_for, shared_pool
 from parspec.speculative.proposer import padded_generators
 from parspec.speculative.verify import draw_verification_noise, verify_greedy, verify_rejection
@@ -54,19 +57,30 @@ class ModelRunner:
         self.graphs = GraphCache(self._decode_forward, enabled=cuda and use_cuda_graphs, pool=shared_pool(device))
         self._sampling_key = None
         self._sampling: BatchSampling | None = None
+        self.vocab_size = cfg.vocab_size
+        self.eos_token_ids: tuple[int, ...] = ()  # the engine's; min_tokens masks them
 
     def bucket(self, num_seqs: int) -> int:
         return bucket_for(num_seqs, self.buckets)
 
     @torch.inference_mode()
-    def step(self, seqs: list[Sequence], prefill: bool, proposal: Proposal | None,
-             previous: StepOutput | None = None) -> StepOutput:
-        """``previous``: the same batch's last decode step, not yet read by the host; this step's
+    def step(self, seqs: list[Sequence], proposal: Proposal | None, previous: StepOutput | None = None,
+             chunks: PrefillChunks | None = None) -> tuple[StepOutput | None, StepOutput | None]:
+        """One target forward + verification over the decode rows ``seqs`` ([last token + drafts]
+        each) and, if given, context chunks. Returns the decode rows' output (None without
+        any) and the chunks' (None without chunks).
+
+        ``previous``: the same batch's last decode step, not yet read by the host; this step's
         positions and last tokens are then derived from its result on the device."""
-        return self._prefill(seqs) if prefill else self._decode(seqs, proposal, previous)
+        if chunks is None:  # the fast path: static buffers, one graph per bucket
+            rows = self._stage_decode(seqs, proposal, previous)
+            logits, aux = self.graphs.run(rows)
+            return self._finish_decode(seqs, rows, logits, aux, proposal), None
+        return self._mixed(seqs, proposal, chunks)
 
     # --- decode / verify ---------------------------------------------------------------------
-    def _decode(self, seqs: list[Sequence], proposal: Proposal | None, previous: StepOutput | None) -> StepOutput:
+    def _stage_decode(self, seqs: list[Sequence], proposal: Proposal | None, previous: StepOutput | None) -> int:
+        """Fill the static buffers for the decode rows; returns the padded row count (the bucket)."""
         b = len(seqs)
         rows = self.bucket(b)
         # Two sets of staging buffers: the previous step's copies may still be queued behind its work.
@@ -93,17 +107,25 @@ class ModelRunner:
             self.input_ids[:b, 1:].copy_(proposal.draft_tokens[:b])
             self.num_drafts[:b].copy_(proposal.num_drafts[:b])
             self.num_drafts[b:rows].zero_()
-        logits, aux = self.graphs.run(rows)
+        return rows
+
+    def _finish_decode(self, seqs: list[Sequence], rows: int, logits: torch.Tensor, aux: torch.Tensor | None,
+                       proposal: Proposal | None) -> StepOutput:
+        b = len(seqs)
         sampling = self.sampling(seqs, rows)
-        out, acc = self._verify(seqs, sampling, logits, self.input_ids[:rows, 1:], self.num_drafts[:rows], proposal)
+        out, acc, logprobs = self._verify(seqs, sampling, logits, self.input_ids[:rows, 1:], self.num_drafts[:rows],
+                                          proposal)
         step = StepOutput(b, out, acc, proposal.num_drafts_host[:b] if proposal is not None else [0] * b, aux,
                           base_positions=self.inputs[1, :rows], block_tables=self.block_tables[:rows],
-                          fed_tokens=self.input_ids[:rows], sampling=sampling)
-        step.start_fetch(self._host_out())
+                          fed_tokens=self.input_ids[:rows], sampling=sampling, logprob_data=logprobs)
+        step.start_fetch(self._host_out(step.host_size))
         return step
 
-    def _host_out(self) -> torch.Tensor:
-        """Pinned result buffers, alternating: an unread step's result may still be in the other."""
+    def _host_out(self, size: int) -> torch.Tensor:
+        """Pinned result buffers, alternating: an unread step's result may still be in the other.
+        Grown (both) when a step carries logprobs; an unread step keeps its old buffer alive."""
+        if size > self.host_out.shape[1]:
+            self.host_out = pinned((2, size), torch.int64, self.device)
         self._out_parity ^= 1
         return self.host_out[self._out_parity]
 
@@ -115,29 +137,74 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden).view(rows, self.q, -1)
         return logits, torch.cat(aux, dim=-1) if aux else None
 
-    # --- prefill ---------------------------------------------------------------------------------
-    def _prefill(self, seqs: list[Sequence]) -> StepOutput:
-        # Every uncached token is fed; the next token is sampled from the last one's logits.
-        token_lists = [s.token_ids[s.num_cached:] for s in seqs]
-        input_ids = to_device([t for ts in token_lists for t in ts], torch.int64, self.device)
-        positions, meta = build_attention_metadata([s.block_table for s in seqs], [s.num_cached for s in seqs],
-                                                   [len(ts) for ts in token_lists], self.block_size, self.device)
+    # --- steps with context chunks (prefill) -------------------------------------------------
+    def _mixed(self, seqs: list[Sequence], proposal: Proposal | None,
+               chunks: PrefillChunks) -> tuple[StepOutput | None, StepOutput]:
+        """The decode rows (staged and padded as for their graph, so the drafters see the same
+        shapes) followed by the chunks, in ONE eager forward over ragged metadata; logits only
+        for the decode rows and the last token of each chunk that completes its context."""
+        starts = [s.num_cached for s in chunks.seqs]
+        chunk_ids = to_device([t for s, c, n in zip(chunks.seqs, starts, chunks.lens) for t in s.token_ids[c:c + n]],
+                              torch.int64, self.device)
+        chunk_pos, chunk_meta = build_attention_metadata([s.block_table for s in chunks.seqs], starts, chunks.lens,
+                                                         self.block_size, self.device)
+        rows = self._stage_decode(seqs, proposal, None) if seqs else 0
+        input_ids, positions, meta = chunk_ids, chunk_pos, chunk_meta
+        if rows:
+            dec_pos, dec_meta = decode_metadata(self.inputs[1, :rows], self.block_tables[:rows], self.q,
+                                                self.block_size, self.max_positions)
+            input_ids = torch.cat([self.input_ids[:rows].reshape(-1), chunk_ids])
+            positions, meta = torch.cat([dec_pos, chunk_pos]), concat_metadata(dec_meta, chunk_meta)
         hidden, aux = self.model(input_ids, positions, meta, self.aux_layers)
-        logits = self.model.compute_logits(hidden[meta.query_start_loc[1:].long() - 1])[:, None]
-        b = len(seqs)
-        no_drafts = torch.zeros(b, 0, dtype=torch.int64, device=self.device)
-        sampling = self.sampling(seqs, b)
-        out, acc = self._verify(seqs, sampling, logits, no_drafts, self.num_drafts[:b].zero_(), None)
-        step = StepOutput(b, out, acc, [0] * b, torch.cat(aux, dim=-1) if aux else None, sampling=sampling)
-        step.start_fetch(self._host_out())
+        aux = torch.cat(aux, dim=-1) if aux else None
+        split = rows * self.q
+        decoded = None
+        if rows:
+            logits = self.model.compute_logits(hidden[:split]).view(rows, self.q, -1)
+            decoded = self._finish_decode(seqs, rows, logits, None if aux is None else aux[:split], proposal)
+        ends = chunk_meta.query_start_loc[1:chunks.num_done + 1].long() - 1  # last token of each completing chunk
+        prefilled = self._finish_chunks(chunks, hidden[split:].index_select(0, ends),
+                                        None if aux is None else aux[split:])
+        return decoded, prefilled
+
+    def _finish_chunks(self, chunks: PrefillChunks, last_hidden: torch.Tensor,
+                       aux: torch.Tensor | None) -> StepOutput:
+        """The completing chunks sample their context's next token (verification with no drafts,
+        so a seeded request draws exactly as in an unchunked prefill); the others emit nothing."""
+        done = chunks.num_done
+        seqs = chunks.seqs[:done]
+        out = torch.zeros(done, 1, dtype=torch.int64, device=self.device)
+        acc = torch.zeros(done, dtype=torch.int32, device=self.device)
+        sampling = logprobs = None
+        if done:
+            logits = self.model.compute_logits(last_hidden)[:, None]
+            sampling = self.sampling(seqs, done)
+            no_drafts = torch.zeros(done, 0, dtype=torch.int64, device=self.device)
+            out, acc, logprobs = self._verify(seqs, sampling, logits, no_drafts, torch.zeros_like(acc), None)
+        step = StepOutput(done, out, acc, [0] * done, aux, sampling=sampling, chunk_lens=list(chunks.lens),
+                          logprob_data=logprobs)
+        step.start_fetch(self._host_out(step.host_size))
         return step
 
     # --- verification ------------------------------------------------------------------------------
     def _verify(self, seqs: list[Sequence], sampling: BatchSampling, logits: torch.Tensor, drafts: torch.Tensor,
                 num_drafts: torch.Tensor, proposal: Proposal | None):
+        """Verification against the processed target distribution (position j of a row sees the
+        row's output plus drafts 0..j-1). Returns the output tokens, the accepted counts and,
+        when a row asked for them, the packed logprobs of the raw logits (else None)."""
         rows = logits.shape[0]
+        target = logits
+        if sampling.needs_processing:
+            target = process_logits(logits, sampling, self._history(seqs, rows, sampling), drafts, num_drafts)
         if sampling.all_greedy:
-            return verify_greedy(drafts, num_drafts, logits)
+            out, acc = verify_greedy(drafts, num_drafts, target)
+        else:
+            out, acc = self._verify_sampled(seqs, sampling, target, drafts, num_drafts, proposal)
+        logprobs = token_logprobs(logits, out, sampling.max_logprobs) if sampling.max_logprobs >= 0 else None
+        return out, acc, logprobs
+
+    def _verify_sampled(self, seqs, sampling, logits, drafts, num_drafts, proposal):
+        rows = logits.shape[0]
         target_probs = probs_from_logits(logits, sampling)
         uniforms, noise = draw_verification_noise(rows, drafts.shape[1], logits.shape[-1],
                                                   padded_generators(seqs, rows), self.device)
@@ -150,10 +217,25 @@ class ModelRunner:
             draft_probs = draft_probs[:rows]
         return verify_rejection(drafts, num_drafts, draft_probs, target_probs, uniforms, noise)
 
+    def _history(self, seqs: list[Sequence], rows: int, sampling: BatchSampling) -> SamplingHistory | None:
+        """The output tokens of the rows whose sampling reads them, uploaded in one copy. The
+        engine never overlaps such a step with the previous one, so the host's tokens are current."""
+        if not sampling.needs_history:
+            return None
+        outputs = [s.output_token_ids if s.params.needs_history else () for s in seqs]
+        return SamplingHistory.build(outputs, rows, self.vocab_size, self.device)
+
     def sampling(self, seqs: list[Sequence], rows: int) -> BatchSampling:
         """The batch's sampling tensors, rebuilt only when its composition changes."""
         key = (rows, tuple(s.seq_id for s in seqs))
         if key != self._sampling_key:
             self._sampling_key = key
-            self._sampling = BatchSampling.from_params([s.params for s in seqs], self.device, rows)
+            self._sampling = BatchSampling.from_params([s.params for s in seqs], self.device, rows,
+                                                       prompts=[_penalized_prompt(s) for s in seqs],
+                                                       vocab_size=self.vocab_size, eos_token_ids=self.eos_token_ids)
         return self._sampling
+
+
+def _penalized_prompt(seq: Sequence) -> list[int]:
+    """The prompt a repetition penalty reads (none without one, so nothing is copied)."""
+    return seq.token_ids[:seq.num_prompt_tokens] if seq.params.repetition_penalty != 1 else []

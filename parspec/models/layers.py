@@ -8,8 +8,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parspec import batch_invariant
 from parspec.attention import AttentionMetadata, paged_attention
 from parspec.layer_kernels import add_rms_norm, rms_norm, rope_and_write_kv, rotate_half_ref, silu_and_mul
+
+
+class Linear(nn.Linear):
+    """nn.Linear that, in the batch-invariant mode (``batch_invariant.set_batch_invariant``),
+    multiplies each row the same way whatever the number of rows."""
+
+    batch_invariant = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch_invariant:
+            return batch_invariant.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -83,14 +96,15 @@ class PagedSelfAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
-        self.qkv_proj = nn.Linear(input_size or hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
-        self.o_proj = nn.Linear(self.q_size, hidden_size, bias=False)
+        self.qkv_proj = Linear(input_size or hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
+        self.o_proj = Linear(self.q_size, hidden_size, bias=False)
         self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
         self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
         self.rope = rope
         self.scale = head_dim ** -0.5
         self.k_cache: torch.Tensor | None = None  # bound by the runner
         self.v_cache: torch.Tensor | None = None
+        self.batch_invariant = False  # batch_invariant.set_batch_invariant: fixed-split attention
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata | torch.Tensor) -> torch.Tensor:
@@ -103,7 +117,8 @@ class PagedSelfAttention(nn.Module):
             q, k, v = self._project_heads(x)
             q = rope_and_write_kv(q, k, v, positions, self.rope.cos, self.rope.sin,
                                   self.k_cache, self.v_cache, meta.slot_mapping)
-            o = paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
+            attend = batch_invariant.paged_attention if self.batch_invariant else paged_attention
+            o = attend(q, self.k_cache, self.v_cache, meta, self.scale)
         return self.o_proj(o.reshape(*lead, self.q_size))
 
     def project_qkv(self, x: torch.Tensor, positions: torch.Tensor):
@@ -137,8 +152,8 @@ class PagedSelfAttention(nn.Module):
 class GatedMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))

@@ -10,7 +10,7 @@ from torch import nn
 
 from parspec.attention import AttentionMetadata
 from parspec.config import ModelConfig
-from parspec.models.layers import GatedMLP, PagedSelfAttention, RMSNorm, RotaryEmbedding
+from parspec.models.layers import GatedMLP, Linear, PagedSelfAttention, RMSNorm, RotaryEmbedding
 
 
 class DecoderLayer(nn.Module):
@@ -52,7 +52,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = LlamaModel(cfg, max_positions or cfg.max_position_embeddings)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:

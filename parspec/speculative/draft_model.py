@@ -60,18 +60,25 @@ class DraftModelProposer(AfterVerifyDrafter):
         check_same_vocabulary(spec.model, self.cfg.vocab_size, target.model_dir, self.target_vocab)
 
     def prefill_drafts(self, seqs, step, sampling, generators):
-        """Pass 1 feeds the prompt's uncached tokens and the emitted one; metadata from the host."""
+        """Pass 1 feeds each chunk's tokens; a chunk that completes its context (the first
+        ``step.num_seqs``) also feeds the emitted token and drafts from it, a partial one only
+        fills the draft model's cache (chunked prefill). Metadata from the host."""
+        done = step.num_seqs
         starts = [s.num_cached for s in seqs]
-        feeds = [s.token_ids[c:] + [0] for s, c in zip(seqs, starts)]  # the 0 becomes the emitted token
+        feeds = [s.token_ids[c:c + n] + ([0] if i < done else [])  # the 0 becomes the emitted token
+                 for i, (s, c, n) in enumerate(zip(seqs, starts, step.chunk_lens))]
         tokens = to_device([t for f in feeds for t in f], torch.int64, self.device)
-        ends = torch.tensor([len(f) for f in feeds]).cumsum(0) - 1
+        ends = torch.tensor([len(f) for f in feeds]).cumsum(0)[:done] - 1
         tokens[to_device(ends, torch.int64, self.device)] = step.output_tokens[:, 0]
         positions, meta = build_attention_metadata([s.block_table for s in seqs], starts,
                                                    [len(f) for f in feeds], self.block_size, self.device)
         meta.max_seq_len = self.max_positions
-        last = meta.query_start_loc[1:].long() - 1
+        if not done:
+            self.model(tokens, positions, meta)
+            return None, None
+        last = meta.query_start_loc[1:done + 1].long() - 1
         base = positions.index_select(0, last)
-        return self._passes(tokens, positions, meta, last, base, meta.block_tables, sampling, generators)
+        return self._passes(tokens, positions, meta, last, base, meta.block_tables[:done], sampling, generators)
 
     def decode_drafts(self, rows: int, sampling, generators):
         fed = self.staged_input("fed_tokens", rows)

@@ -10,9 +10,12 @@ The drafter runs right after each target step, before the host reads the step's 
 (``after_verify``), and the drafts wait on the device for the next step (``propose``
 only gathers them). Its new entries are the fed positions whose features are valid:
 
-* after a prefill of positions ``c .. n-1``: entries ``c .. n-1`` with tokens
-  ``t[c+1] .. t[n-1]`` and the token the target just emitted (positions known on the
-  host; the emitted token is scattered in on the device);
+* after a context chunk of positions ``c .. c+m-1``: entries ``c .. c+m-1`` with tokens
+  ``t[c+1] .. t[c+m]``; when the chunk completes the context (``c+m = n``) the last of
+  them is the token the target just emitted (positions known on the host; the emitted
+  token is scattered in on the device) and it drafts; a partial chunk only fills the
+  drafter's cache (chunked prefill), so a prompt prefilled in chunks leaves the cache
+  exactly as one prefill would;
 * after a decode step that fed ``[t[n-1], d1 .. dK]`` at positions ``n-1 .. n-1+K`` and
   accepted ``a`` drafts: entries ``n-1 .. n-1+a``, entry ``n-1+i`` carrying emitted token
   ``i``. ``a`` is only known on the device, so the pass has a fixed padded layout built
@@ -146,7 +149,11 @@ class Eagle3Proposer(AfterVerifyDrafter):
         self.num_mask = self.k - 1 if self.parallel else 0
 
     def prefill_drafts(self, seqs, step, sampling, generators):
-        return self._draft(self._prefill_pass(seqs, step), len(seqs), sampling, generators)
+        p = self._prefill_pass(seqs, step)
+        if not step.num_seqs:  # partial chunks only: fill the drafter's cache, draft nothing
+            self.model(p.tokens, p.positions, p.hidden, p.meta)
+            return None, None
+        return self._draft(p, step.num_seqs, sampling, generators)
 
     def decode_drafts(self, rows: int, sampling, generators):
         return self._draft(self._decode_pass(rows), rows, sampling, generators)
@@ -157,20 +164,27 @@ class Eagle3Proposer(AfterVerifyDrafter):
         return self._sequential(p, rows, sampling, generators)
 
     def _prefill_pass(self, seqs, step) -> DraftPass:
-        """Entries num_cached .. n-1 per sequence, then the mask slots; metadata from the host."""
-        starts = [s.num_cached for s in seqs]  # before the engine advances: where this prefill began
-        real = [len(s) - c for s, c in zip(seqs, starts)]
-        q_lens = [n + self.num_mask for n in real]
+        """Entries num_cached .. num_cached + m - 1 of each chunk (m = its length); a chunk that
+        completes its context (the first ``step.num_seqs``) ends in the emitted token and the
+        mask slots. Metadata from the host."""
+        starts = [s.num_cached for s in seqs]  # before the engine advances: where this chunk began
+        real = step.chunk_lens
+        done = step.num_seqs
+        q_lens = [n + self.num_mask if i < done else n for i, n in enumerate(real)]
         tokens, src, rows, emitted_at = [], [], [], []
         total_real = sum(real)
         real_off = out_off = 0
-        for seq, c, n in zip(seqs, starts, real):
-            emitted_at.append(out_off + n - 1)
-            tokens += seq.token_ids[c + 1:] + [0] + [self.mask_token_id] * self.num_mask
-            src += list(range(real_off, real_off + n)) + [total_real] * self.num_mask  # total_real: the mask
-            rows.append([out_off + n - 1 + j for j in range(1 + self.num_mask)])
+        for i, (seq, c, n) in enumerate(zip(seqs, starts, real)):
+            src += range(real_off, real_off + n)
+            if i < done:
+                emitted_at.append(out_off + n - 1)
+                tokens += seq.token_ids[c + 1:c + n] + [0] + [self.mask_token_id] * self.num_mask
+                src += [total_real] * self.num_mask  # total_real: the mask
+                rows.append([out_off + n - 1 + j for j in range(1 + self.num_mask)])
+            else:  # a partial chunk: the token after each entry is a prompt token
+                tokens += seq.token_ids[c + 1:c + n + 1]
             real_off += n
-            out_off += n + self.num_mask
+            out_off += q_lens[i]
         tokens = to_device(tokens, torch.int64, self.device)
         tokens[to_device(emitted_at, torch.int64, self.device)] = step.output_tokens[:, 0]
         feats = step.aux_hidden
@@ -211,7 +225,7 @@ class Eagle3Proposer(AfterVerifyDrafter):
         last = p.sample_rows[:, 0]
         normed, prenorm = normed.index_select(0, last), prenorm.index_select(0, last)
         base = p.positions.index_select(0, last)
-        tables = p.meta.block_tables
+        tables = p.meta.block_tables[:b]  # the drafting rows come first (partial chunks after them)
         drafts, probs = [], []
         for i in range(self.k):
             if i:

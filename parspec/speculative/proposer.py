@@ -85,11 +85,15 @@ class Proposer:
 
     def after_verify(self, seqs: list[Sequence], step: StepOutput, prefill: bool) -> None:
         """Called after every target step's verification, BEFORE the host reads its result:
-        only the step's device tensors are there (a proposer may draft the next step now)."""
+        only the step's device tensors are there (a proposer may draft the next step now).
+        A step with context chunks calls it for its decode rows (``prefill`` False, if it has
+        any), then for its chunks (``prefill`` True: ``seqs`` are the chunks' sequences,
+        ``step.chunk_lens`` their lengths, the first ``step.num_seqs`` completed their context)."""
 
     def observe(self, seqs: list[Sequence], step: StepOutput, prefill: bool) -> None:
         """Called after every target step, before the sequences advance, with what
-        verification emitted (and the target's features of the fed tokens, if asked for)."""
+        verification emitted (and the target's features of the fed tokens, if asked for);
+        for a step with context chunks, as ``after_verify`` is."""
 
     def release(self, seq: Sequence) -> None:
         """The sequence finished or was preempted; drop its state."""
@@ -147,7 +151,10 @@ class AfterVerifyDrafter(ModelProposer):
 
     # --- to implement -------------------------------------------------------------------------
     def prefill_drafts(self, seqs, step: StepOutput, sampling, generators):
-        """Drafts [B, K] (+ q or None) after a prefill step (eager, host-built metadata)."""
+        """After a step with context chunks (eager, host-built metadata): the drafter takes in
+        every chunk (``step.chunk_lens[i]`` tokens of ``seqs[i]`` from its ``num_cached``) and
+        drafts for the first ``step.num_seqs``, which completed their context; returns their
+        drafts [B, K] (+ q or None), or (None, None) when none completed."""
         raise NotImplementedError
 
     def decode_drafts(self, rows: int, sampling, generators):
@@ -179,7 +186,7 @@ class AfterVerifyDrafter(ModelProposer):
                 vocab = next(p.shape[-1] for _, p, _ in self._ready.values() if p is not None)
                 probs = torch.cat([p if p is not None else torch.nn.functional.one_hot(d, vocab).float()
                                    for d, p, _ in (self._ready[b] for b in batches)]).index_select(0, index)
-        self._ready.clear()  # every running sequence is in this step (or was released)
+        self._ready.clear()  # every decoding sequence is in this step (or was released)
         return Proposal.full(drafts, probs, self.drafter_passes, num_seqs=len(seqs))
 
     def release(self, seq) -> None:
@@ -196,6 +203,8 @@ class AfterVerifyDrafter(ModelProposer):
     # --- drafting, right after the target step ------------------------------------------------
     @torch.inference_mode()
     def after_verify(self, seqs, step, prefill: bool) -> None:
+        """``prefill``: ``seqs`` fed context chunks (see ``prefill_drafts``); only those that
+        completed their context get drafts for the next step."""
         sampling = step.sampling
         fed = step.output_tokens.shape[1]  # tokens the step fed per sequence (1 for a prefill)
         for seq in seqs:  # the furthest position this drafting may write must be in the block table
@@ -204,7 +213,11 @@ class AfterVerifyDrafter(ModelProposer):
                 raise RuntimeError(f"sequence {seq.seq_id}: the drafter may write position {last} but its block "
                                    f"table holds {len(seq.block_table) * self.block_size} slots")
         if prefill:
-            drafts, probs = self.prefill_drafts(seqs, step, sampling, padded_generators(seqs, len(seqs)))
+            done = step.num_seqs
+            drafts, probs = self.prefill_drafts(seqs, step, sampling, padded_generators(seqs[:done], done))
+            seqs = seqs[:done]
+            if not done:
+                return
         else:
             rows = step.output_tokens.shape[0]
             self._stage(step, rows)
