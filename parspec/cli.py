@@ -13,7 +13,8 @@ from parspec.loader import LoadError
 from parspec.sampling import SamplingError
 
 
-def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
+def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True,
+                    seed_help: str = "sampling seed per request") -> None:
     p.add_argument("--model", required=model_required, help="HF model directory (config.json + safetensors)")
     p.add_argument("--speculative-config", default=None,
                    help='vLLM-style JSON, e.g. \'{"method":"ngram","num_speculative_tokens":4}\'')
@@ -21,8 +22,18 @@ def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> 
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192,
+                   help="tokens one step may feed: decodes first (K+1 each), prompt chunks in the rest")
+    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
+                   help="prefill prompts in chunks beside running decodes (vLLM's default); "
+                        "--no-enable-chunked-prefill: whole prompts in prefill-only steps")
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=None, help="sampling seed per request")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85,
+                   help="fraction of the GPU's memory the engine may use (weights, KV cache, activations)")
+    p.add_argument("--seed", type=int, default=None, help=seed_help)
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="the target computes each row the same way whatever the batch: greedy speculative "
+                        "output equals no-spec bit for bit in any dtype (slower; see README)")
     add_enforce_eager_arg(p)
 
 
@@ -32,7 +43,9 @@ def add_enforce_eager_arg(p: argparse.ArgumentParser) -> None:
 
 def engine_kwargs(args) -> dict:
     return dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                max_num_seqs=args.max_num_seqs, block_size=args.block_size, enforce_eager=args.enforce_eager)
+                max_num_seqs=args.max_num_seqs, block_size=args.block_size, enforce_eager=args.enforce_eager,
+                max_num_batched_tokens=args.max_num_batched_tokens, enable_chunked_prefill=args.enable_chunked_prefill,
+                gpu_memory_utilization=args.gpu_memory_utilization, batch_invariant=args.batch_invariant)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -145,6 +158,48 @@ def cmd_bench(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_serve(args) -> int:
+    from parspec.config import EngineConfig
+    from parspec.server.app import build_server_app, run_server
+
+    if args.max_queue_len < 0:
+        raise ConfigError(f"--max-queue-len must be >= 0, got {args.max_queue_len}")
+    if args.max_request_body < 1:
+        raise ConfigError(f"--max-request-body must be >= 1 byte, got {args.max_request_body}")
+    # vLLM's --seed is the engine's seed (0 unless given), not a per-request one.
+    seed = 0 if args.seed is None else args.seed
+    cfg = EngineConfig(model=args.model, seed=seed, **engine_kwargs(args))
+    app = build_server_app(cfg, args.speculative_config, args.served_model_name, args.max_queue_len,
+                           args.max_request_body)
+    llm = app.state.engine.engine
+    spec = (f"{llm.spec_config.method}, K={llm.spec_config.num_speculative_tokens}" if llm.spec_config
+            else "off")
+    name = (args.served_model_name or [args.model])[0]
+    print(f"parspec serve: {args.model} as {name!r} "
+          f"on {llm.device} ({llm.dtype}), max_model_len {llm.max_model_len}, speculation {spec}; "
+          f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    run_server(app, args.host, args.port, args.uvicorn_log_level)
+    return 0
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    from parspec.server import DEFAULT_MAX_REQUEST_BODY
+
+    add_engine_args(p, seed_help="the engine's seed (vLLM's --seed; 0 when not given); "
+                                 "a request's own \"seed\" makes it reproducible")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="name(s) the API answers to (default: --model); responses carry the first")
+    p.add_argument("--max-queue-len", type=int, default=1024,
+                   help="completions that may wait beyond --max-num-seqs; past it the server answers 503")
+    p.add_argument("--max-request-body", type=int, default=DEFAULT_MAX_REQUEST_BODY,
+                   help="largest request body in bytes; larger ones get 413")
+    p.add_argument("--uvicorn-log-level", default="info",
+                   choices=("critical", "error", "warning", "info", "debug", "trace"))
+    p.set_defaults(func=cmd_serve)
+
+
 def cmd_train_drafter(args) -> int:
     from parspec.train.cli import run
 
@@ -210,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--num-prompts", type=int, default=3)
     d.add_argument("--device", default="cpu")
     d.set_defaults(func=cmd_demo)
+
+    add_serve_args(sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, /metrics)"))
 
     add_bench_args(sub.add_parser("bench", help="benchmark matrix: methods x K x concurrency, peers, roofline"))
 
