@@ -250,12 +250,18 @@ def main(argv=None) -> int:
                 record["configs"][name] = bench_config(url, args)
             finally:
                 stop_server(proc)
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=1)
-    png = os.path.splitext(args.out)[0] + ".png"
-    plot(record, png)
+            _save(record, args.out)  # each configuration as it ends: a long run may be cut short
+    png = _save(record, args.out)
     print(f"wrote {args.out} and {png}")
     return 0
+
+
+def _save(record: dict, path: str) -> str:
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    png = os.path.splitext(path)[0] + ".png"
+    plot(record, png)
+    return png
 
 
 if __name__ == "__main__":

@@ -173,19 +173,30 @@ class SpeculativeConfig:
     from_any infers an absent "method" from "model" as vLLM does."""
 
     method: str
-    num_speculative_tokens: int
+    num_speculative_tokens: int  # "auto": adaptive depth, up to max_num_speculative_tokens
     model: str | None = None
     parallel_drafting: bool = False
     prompt_lookup_min: int | None = None  # ngram: both None -> 5 and 5; one given -> the other copies it (vLLM)
     prompt_lookup_max: int | None = None
     draft_tensor_parallel_size: int | None = None  # vLLM: 1 or the target's TP size; both are 1 here
     disable_padded_drafter_batch: bool = False  # parspec always pads (fixed shapes for CUDA graphs)
+    # parspec's own: the deepest K an "auto" depth may choose (default 7)
+    max_num_speculative_tokens: int | None = None
+    adaptive: bool = field(default=False, init=False)  # set by num_speculative_tokens "auto"
 
     def __post_init__(self):
         self.method = self.check_method(self.method)
+        if self.num_speculative_tokens == "auto":
+            self.adaptive = True
+            self.num_speculative_tokens = 7 if self.max_num_speculative_tokens is None \
+                else self.max_num_speculative_tokens
+        elif self.max_num_speculative_tokens is not None:
+            raise ConfigError("max_num_speculative_tokens applies only with num_speculative_tokens \"auto\", "
+                              f"got num_speculative_tokens={self.num_speculative_tokens!r}")
         k = self.num_speculative_tokens
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ConfigError(f"num_speculative_tokens must be an integer >= 1, got {k!r}")
+            what = "max_num_speculative_tokens" if self.adaptive else 'num_speculative_tokens (or "auto")'
+            raise ConfigError(f"{what} must be an integer >= 1, got {k!r}")
         if self.method in ("draft_model", "eagle3") and not self.model:
             raise ConfigError(f"speculative method {self.method!r} needs \"model\": the drafter's directory")
         if self.method == "ngram":
@@ -239,7 +250,7 @@ class SpeculativeConfig:
         if value.get("method") is None:
             value["method"] = infer_spec_method(value.get("model"))
         cls.check_method(value["method"])
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls) if f.init}
         unknown = sorted(set(value) - known)
         if unknown:
             raise ConfigError(f"unknown speculative config keys {unknown}; known: {sorted(known)}")

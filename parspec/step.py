@@ -56,6 +56,10 @@ class StepOutput:
     base_positions: torch.Tensor | None = None  # decode: [Bp] int64 position of each row's first fed token
     block_tables: torch.Tensor | None = None  # decode: [Bp, W] int32 (padding rows point at the pad block)
     fed_tokens: torch.Tensor | None = None  # decode: [Bp, K+1] the tokens fed (last token, then the drafts)
+    # decode: the step's depth k <= K (adaptive speculation feeds k + 1 tokens a row; the
+    # tensors above stay K + 1 wide, the columns past k PLACEHOLDER / zero, so drafters see one shape)
+    depth: int = 0
+    launched_at: float = 0.0  # host clock when the engine began the step (adaptive depth's cost)
     sampling: BatchSampling | None = None  # the rows' sampling tensors verification used (drafters reuse them)
     # prefill: tokens fed per chunk of the step's PrefillChunks (all of them; only the first
     # num_seqs, which completed their context, have rows above; aux_hidden covers every chunk)

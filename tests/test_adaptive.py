@@ -1,10 +1,13 @@
 """Adaptive speculation depth: the policy on synthetic loads (costs and acceptance known), so
 its choice can be checked against the best fixed depth computed by hand."""
 
+import os
 import random
 
 import pytest
 
+from parspec import LLM, SamplingParams
+from parspec.config import ConfigError, SpeculativeConfig
 from parspec.speculative.adaptive import AdaptiveDepth, candidate_depths, expected_tokens
 
 
@@ -28,7 +31,7 @@ def _simulate(policy, bucket, num_seqs, cost, accept, steps, seed=0):
             while n < k and rng.random() < accept[n]:
                 n += 1
             policy.observe(s, k, n)
-    return [k for b, k in policy.history[-50:] if b == bucket]
+    return [k for b, k in list(policy.history)[-50:] if b == bucket]
 
 
 def _best_fixed(cost, accept, num_seqs, candidates):
@@ -75,3 +78,74 @@ def test_release_forgets_a_request_and_bad_depth_is_refused():
     assert 5 not in policy.requests
     with pytest.raises(ValueError, match="maximum depth"):
         AdaptiveDepth(0)
+
+
+# --- wired into the engine -------------------------------------------------------------------
+
+FIX = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "reference")
+PROMPTS = ["def add(a, b):", "import os\n", "class Stack:\n", "for i in range(10):", "def fib(n):\n"]
+AUTO = {
+    "ngram": {"method": "ngram", "num_speculative_tokens": "auto", "max_num_speculative_tokens": 4,
+              "prompt_lookup_min": 2},
+    "draft_model": {"method": "draft_model", "model": os.path.join(FIX, "draft"), "num_speculative_tokens": "auto",
+                    "max_num_speculative_tokens": 3},
+    "p-eagle": {"method": "eagle3", "model": os.path.join(FIX, "p-eagle"), "num_speculative_tokens": "auto",
+                "parallel_drafting": True},
+}
+
+
+@pytest.fixture(scope="module")
+def no_spec_outputs():
+    llm = LLM(os.path.join(FIX, "target"), dtype="float32")
+    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=40),
+                                                         use_tqdm=False)]
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+@pytest.mark.parametrize("max_num_seqs", [1, 3])
+@pytest.mark.parametrize("method", list(AUTO))
+def test_auto_depth_is_lossless_at_every_depth(method, max_num_seqs, async_scheduling, no_spec_outputs):
+    """Greedy output with "auto" equals no-spec while the policy walks every candidate depth
+    (0 .. K: its first steps measure each one), for every proposer, batch size and with the
+    next step launched before the last is read; the KV pool is whole afterwards."""
+    llm = LLM(os.path.join(FIX, "target"), dtype="float32", speculative_config=AUTO[method],
+              max_num_seqs=max_num_seqs, async_scheduling=async_scheduling)
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=40), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == no_spec_outputs
+    policy = llm.engine.depth_policy
+    assert set(k for _, k in policy.history) == set(policy.candidates)
+    assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
+    assert all(s.inflight == 0 for s in llm.engine.scheduler.running)
+    # Verified drafts never exceed the step's depth: drafted <= sum of the chosen depths.
+    assert llm.engine.stats.num_drafted <= sum(k for _, k in policy.history) * max_num_seqs
+
+
+def test_shallow_step_verifies_exactly_a_fixed_k_step():
+    """A step at depth 2 of K = 4 verifies what a K = 2 engine verifies: with n-gram drafts
+    (whose first two are the K = 2 ones) and seeded sampling, the outputs agree token for token,
+    so the shallow path feeds, verifies and draws noise as the fixed-K path does."""
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=32)
+    fixed = LLM(os.path.join(FIX, "target"), dtype="float32",
+                speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 2})
+    want = [o.outputs[0].token_ids for o in fixed.generate(PROMPTS, params, use_tqdm=False)]
+    auto = LLM(os.path.join(FIX, "target"), dtype="float32", speculative_config=AUTO["ngram"])
+    auto.engine.depth_policy.choose = lambda seq_ids, bucket: 2
+    got = [o.outputs[0].token_ids for o in auto.generate(PROMPTS, params, use_tqdm=False)]
+    assert got == want
+    assert fixed.engine.stats.num_drafted == auto.engine.stats.num_drafted > 0
+
+
+def test_auto_config_keys():
+    spec = SpeculativeConfig.from_any({"method": "ngram", "num_speculative_tokens": "auto"})
+    assert spec.adaptive and spec.num_speculative_tokens == 7
+    spec = SpeculativeConfig.from_any(AUTO["draft_model"])
+    assert spec.adaptive and spec.num_speculative_tokens == 3
+    with pytest.raises(ConfigError, match="max_num_speculative_tokens applies only"):
+        SpeculativeConfig.from_any({"method": "ngram", "num_speculative_tokens": 3, "max_num_speculative_tokens": 5})
+    with pytest.raises(ConfigError, match="max_num_speculative_tokens must be an integer >= 1, got 0"):
+        SpeculativeConfig.from_any({"method": "ngram", "num_speculative_tokens": "auto",
+                                    "max_num_speculative_tokens": 0})
+    with pytest.raises(ConfigError, match="got 'deep'"):
+        SpeculativeConfig.from_any({"method": "ngram", "num_speculative_tokens": "deep"})
+    with pytest.raises(ConfigError, match="unknown speculative config keys \\['adaptive'\\]"):
+        SpeculativeConfig.from_any({"method": "ngram", "num_speculative_tokens": 3, "adaptive": True})

@@ -74,3 +74,21 @@ def test_speculative_sampling_has_target_distribution(models):
     # The test can fail: the draft's own distribution is far outside the bound.
     draft_hf = type(hf).from_pretrained(draft).eval()
     assert tv(exact_joint(draft_hf), exact) > 2 * BOUND
+
+
+def test_shallow_adaptive_steps_keep_the_target_distribution(models):
+    """Adaptive depth with the drafter's q sliced to the step's depth (cycling 0, 1, 2 of K = 3):
+    the rejection sampler still samples the target's exact distribution."""
+    target, draft, hf = models
+    common = dict(dtype="float32", skip_tokenizer_init=True, max_num_seqs=4096, max_num_batched_tokens=4096 * 4,
+                  block_size=16, max_model_len=32, num_kv_blocks=4200)
+    torch.manual_seed(1)
+    llm = LLM(target, speculative_config={"method": "draft_model", "model": draft, "num_speculative_tokens": "auto",
+                                          "max_num_speculative_tokens": 3}, **common)
+    depths = itertools.cycle([1, 2, 0])
+    llm.engine.depth_policy.choose = lambda seq_ids, bucket: next(depths)
+    spec = empirical(llm)
+    stats = llm.engine.stats
+    assert 0.05 < stats.num_accepted / stats.num_drafted < 0.95
+    assert stats.num_drafted < 3 * stats.num_drafts  # shallow steps verified fewer than K drafts
+    assert tv(spec, exact_joint(hf)) < BOUND

@@ -24,6 +24,7 @@ from parspec.kv_cache import BlockManager, kv_bytes_per_block
 from parspec.loader import load_model
 from parspec.sampling import SamplingError, SamplingParams
 from parspec.speculative import build_proposer
+from parspec.speculative.adaptive import AdaptiveDepth
 from parspec.tokenizer import Tokenizer
 
 log = logging.getLogger("parspec")
@@ -98,6 +99,10 @@ class LLMEngine:
         extra = self.proposer.extra_slots if self.proposer else 0
         self.drafter_slots = extra
         self.k = k
+        # num_speculative_tokens "auto": each decode step verifies the depth k <= K that
+        # maximises expected tokens per second (speculative/adaptive.py)
+        self.depth_policy = AdaptiveDepth(k) if self.spec_config and self.spec_config.adaptive else None
+        self._last_read: float | None = None  # host clock when the last decode step was read
         self.async_scheduling = use_graphs if cfg.async_scheduling is None else cfg.async_scheduling
         self._inflight: tuple[list[Sequence], StepOutput] | None = None  # a decode step launched, not yet read
         self._batch: list[Sequence] = []  # the sequences of the last launched step (what a failure hits)
@@ -250,12 +255,14 @@ class LLMEngine:
         self._batch = seqs + chunks.seqs if chunks is not None else seqs
         mark = self.step_events.mark if self.step_events is not None and chunks is None else _no_mark
         mark("begin")
+        began = time.perf_counter()
         proposal = self.proposer.propose(seqs) if self.proposer is not None and seqs else None
+        depth = self._depth(seqs, steady=chunks is None) if proposal is not None else self.k
         mark("drafted")
         if proposal is not None:
             self.drafter_passes += proposal.drafter_passes
             self.draft_steps += 1
-        out, prefilled = self.runner.step(seqs, proposal, previous, chunks)  # one target forward + verification
+        out, prefilled = self.runner.step(seqs, proposal, previous, chunks, depth)  # one target forward + verification
         mark("verified")
         if self.proposer:  # EAGLE-3 and the draft LM draft the next step here
             if seqs:
@@ -263,15 +270,34 @@ class LLMEngine:
             if chunks is not None:
                 self.proposer.after_verify(chunks.seqs, prefilled, True)
         mark("end")
+        if out is not None:
+            out.launched_at = began
         for seq in seqs:
-            seq.inflight += self.k + 1  # at most this many tokens arrive when the step is read
+            seq.inflight += depth + 1  # at most this many tokens arrive when the step is read
         return out, prefilled
 
-    def _complete(self, seqs: list[Sequence], out: StepOutput) -> list[Sequence]:
-        """Read a decode step's result and advance its sequences."""
+    def _depth(self, seqs: list[Sequence], steady: bool) -> int:
+        """The step's speculation depth: K, or the adaptive policy's choice for this batch (a
+        step that also feeds context chunks takes the bucket's current choice, unmeasured)."""
+        if self.depth_policy is None:
+            return self.k
+        bucket = self.runner.bucket(len(seqs))
+        ids = [s.seq_id for s in seqs]
+        return self.depth_policy.choose(ids, bucket) if steady else self.depth_policy.current(ids, bucket)
+
+    def _complete(self, seqs: list[Sequence], out: StepOutput, steady: bool = True) -> list[Sequence]:
+        """Read a decode step's result and advance its sequences. ``steady``: a decode-only step,
+        whose cost the adaptive depth learns from."""
         out.fetch()  # the step's one host synchronisation
+        read = time.perf_counter()
+        if self.depth_policy is not None and steady:
+            # GPU-bound and asynchronous, the step ran from when the previous one was read;
+            # otherwise from its own launch.
+            began = out.launched_at if self._last_read is None else max(out.launched_at, self._last_read)
+            self.depth_policy.record_cost(self.runner.bucket(len(seqs)), out.depth, read - began)
+        self._last_read = read if steady else None
         for seq in seqs:
-            seq.inflight -= self.k + 1
+            seq.inflight -= out.depth + 1
         live = [i for i, s in enumerate(seqs) if s.status != Status.FINISHED]  # finished while it ran
         if len(live) < len(seqs):
             seqs = [seqs[i] for i in live]
@@ -293,7 +319,8 @@ class LLMEngine:
         for seq, n in zip(chunks.seqs[done:], chunks.lens[done:]):
             seq.num_cached += n  # a partial chunk: cached, nothing emitted
         finished = self._advance(chunks.seqs[:done], prefilled, True)
-        return finished + (self._complete(seqs, out) if seqs else [])
+        self._last_read = None
+        return finished + (self._complete(seqs, out, steady=False) if seqs else [])
 
     def _may_overlap(self, seqs: list[Sequence]) -> bool:
         """Whether the next step may be launched before this one is read: decode steps whose
@@ -338,6 +365,8 @@ class LLMEngine:
             if not prefill:
                 seq.spec.record(num_drafts, len(tokens) - 1)
                 self.stats.record(num_drafts, len(tokens) - 1)
+                if self.depth_policy is not None:
+                    self.depth_policy.observe(seq.seq_id, num_drafts, len(tokens) - 1)
             if not tokens:
                 continue
             if seq.first_token_time is None:
@@ -426,6 +455,8 @@ class LLMEngine:
     def _release_draft_state(self, seq: Sequence) -> None:
         if self.proposer:
             self.proposer.release(seq)
+        if self.depth_policy is not None:
+            self.depth_policy.release(seq.seq_id)
 
     def reset_stats(self) -> None:
         """Speculation counters (summed over requests, vLLM's counting; see SpecStats);

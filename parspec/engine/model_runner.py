@@ -1,10 +1,10 @@
 """Runs the target: ONE forward over every sequence's new tokens, then verification, on device.
 
-Decode / verify steps (``Q = K + 1`` tokens per sequence) run over static buffers padded
-to a batch-size bucket: the host writes each sequence's last token, base position and
+Decode / verify steps (``Q = K + 1`` tokens per sequence, or k + 1 for a step that verifies
+only k <= K drafts: adaptive speculation) run over static buffers padded to a batch-size bucket: the host writes each sequence's last token, base position and
 block table into page-locked memory, one asynchronous copy moves them, and the device
 builds positions and slot mapping itself (``decode_metadata``). The forward from those
-buffers to the logits is one CUDA graph per bucket (``GraphCache``); with graphs off the
+buffers to the logits is one CUDA graph per (bucket, depth) (``GraphCache``); with graphs off the
 same function runs eagerly over the same shapes, so the output is identical. Padding
 rows point at the cache's pad block, which no sequence owns.
 
@@ -24,7 +24,7 @@ from parspec.sequence import Sequence
 from parspec.step import PrefillChunks, Proposal, StepOutput
 from parspec.cuda_graphs import GraphCache, batch_buckets, bucket_for, shared_pool
 from parspec.speculative.proposer import padded_generators
-from parspec.speculative.verify import draw_verification_noise, verify_greedy, verify_rejection
+from parspec.speculative.verify import PLACEHOLDER, draw_verification_noise, verify_greedy, verify_rejection
 from parspec.transfer import pinned, to_device
 
 
@@ -65,21 +65,26 @@ class ModelRunner:
 
     @torch.inference_mode()
     def step(self, seqs: list[Sequence], proposal: Proposal | None, previous: StepOutput | None = None,
-             chunks: PrefillChunks | None = None) -> tuple[StepOutput | None, StepOutput | None]:
+             chunks: PrefillChunks | None = None, depth: int | None = None) -> tuple[StepOutput | None,
+                                                                                   StepOutput | None]:
         """One target forward + verification over the decode rows ``seqs`` ([last token + drafts]
         each) and, if given, context chunks. Returns the decode rows' output (None without
         any) and the chunks' (None without chunks).
 
         ``previous``: the same batch's last decode step, not yet read by the host; this step's
-        positions and last tokens are then derived from its result on the device."""
-        if chunks is None:  # the fast path: static buffers, one graph per bucket
-            rows = self._stage_decode(seqs, proposal, previous)
-            logits, aux = self.graphs.run(rows)
-            return self._finish_decode(seqs, rows, logits, aux, proposal), None
-        return self._mixed(seqs, proposal, chunks)
+        positions and last tokens are then derived from its result on the device.
+        ``depth``: verify at most this many of the proposal's drafts (default all K): the
+        rows feed depth + 1 tokens, so a shallow step costs the target less."""
+        q = self.q if depth is None else depth + 1
+        if chunks is None:  # the fast path: static buffers, one graph per (bucket, depth)
+            rows = self._stage_decode(seqs, proposal, previous, q)
+            logits, aux = self.graphs.run((rows, q))
+            return self._finish_decode(seqs, rows, q, logits, aux, proposal), None
+        return self._mixed(seqs, proposal, chunks, q)
 
     # --- decode / verify ---------------------------------------------------------------------
-    def _stage_decode(self, seqs: list[Sequence], proposal: Proposal | None, previous: StepOutput | None) -> int:
+    def _stage_decode(self, seqs: list[Sequence], proposal: Proposal | None, previous: StepOutput | None,
+                      q: int) -> int:
         """Fill the static buffers for the decode rows; returns the padded row count (the bucket)."""
         b = len(seqs)
         rows = self.bucket(b)
@@ -105,19 +110,22 @@ class ModelRunner:
         self.input_ids[:rows, 0].copy_(self.inputs[0, :rows])
         if proposal is not None:
             self.input_ids[:b, 1:].copy_(proposal.draft_tokens[:b])
-            self.num_drafts[:b].copy_(proposal.num_drafts[:b])
+            self.num_drafts[:b].copy_(proposal.num_drafts[:b] if q == self.q else proposal.num_drafts[:b].clamp(max=q - 1))
             self.num_drafts[b:rows].zero_()
         return rows
 
-    def _finish_decode(self, seqs: list[Sequence], rows: int, logits: torch.Tensor, aux: torch.Tensor | None,
-                       proposal: Proposal | None) -> StepOutput:
+    def _finish_decode(self, seqs: list[Sequence], rows: int, q: int, logits: torch.Tensor,
+                       aux: torch.Tensor | None, proposal: Proposal | None) -> StepOutput:
         b = len(seqs)
         sampling = self.sampling(seqs, rows)
-        out, acc, logprobs = self._verify(seqs, sampling, logits, self.input_ids[:rows, 1:], self.num_drafts[:rows],
+        out, acc, logprobs = self._verify(seqs, sampling, logits, self.input_ids[:rows, 1:q], self.num_drafts[:rows],
                                           proposal)
-        step = StepOutput(b, out, acc, proposal.num_drafts_host[:b] if proposal is not None else [0] * b, aux,
-                          base_positions=self.inputs[1, :rows], block_tables=self.block_tables[:rows],
-                          fed_tokens=self.input_ids[:rows], sampling=sampling, logprob_data=logprobs)
+        num_drafts = [0] * b if proposal is None else [min(n, q - 1) for n in proposal.num_drafts_host[:b]]
+        if q < self.q:  # a shallow step: widen to K + 1 columns, the shape the drafters read
+            out, aux, logprobs = _widen(out, aux, logprobs, rows, self.q)
+        step = StepOutput(b, out, acc, num_drafts, aux, base_positions=self.inputs[1, :rows],
+                          block_tables=self.block_tables[:rows], fed_tokens=self.input_ids[:rows],
+                          sampling=sampling, logprob_data=logprobs, depth=q - 1)
         step.start_fetch(self._host_out(step.host_size))
         return step
 
@@ -129,17 +137,18 @@ class ModelRunner:
         self._out_parity ^= 1
         return self.host_out[self._out_parity]
 
-    def _decode_forward(self, rows: int):
-        """Static buffers -> logits [rows, Q, V] and aux features; captured per bucket."""
-        positions, meta = decode_metadata(self.inputs[1, :rows], self.block_tables[:rows], self.q,
+    def _decode_forward(self, key: tuple[int, int]):
+        """Static buffers -> logits [rows, q, V] and aux features; captured per (bucket, q)."""
+        rows, q = key
+        positions, meta = decode_metadata(self.inputs[1, :rows], self.block_tables[:rows], q,
                                           self.block_size, self.max_positions)
-        hidden, aux = self.model(self.input_ids[:rows].reshape(-1), positions, meta, self.aux_layers)
-        logits = self.model.compute_logits(hidden).view(rows, self.q, -1)
+        hidden, aux = self.model(self.input_ids[:rows, :q].reshape(-1), positions, meta, self.aux_layers)
+        logits = self.model.compute_logits(hidden).view(rows, q, -1)
         return logits, torch.cat(aux, dim=-1) if aux else None
 
     # --- steps with context chunks (prefill) -------------------------------------------------
-    def _mixed(self, seqs: list[Sequence], proposal: Proposal | None,
-               chunks: PrefillChunks) -> tuple[StepOutput | None, StepOutput]:
+    def _mixed(self, seqs: list[Sequence], proposal: Proposal | None, chunks: PrefillChunks,
+               q: int) -> tuple[StepOutput | None, StepOutput]:
         """The decode rows (staged and padded as for their graph, so the drafters see the same
         shapes) followed by the chunks, in ONE eager forward over ragged metadata; logits only
         for the decode rows and the last token of each chunk that completes its context."""
@@ -148,20 +157,20 @@ class ModelRunner:
                               torch.int64, self.device)
         chunk_pos, chunk_meta = build_attention_metadata([s.block_table for s in chunks.seqs], starts, chunks.lens,
                                                          self.block_size, self.device)
-        rows = self._stage_decode(seqs, proposal, None) if seqs else 0
+        rows = self._stage_decode(seqs, proposal, None, q) if seqs else 0
         input_ids, positions, meta = chunk_ids, chunk_pos, chunk_meta
         if rows:
-            dec_pos, dec_meta = decode_metadata(self.inputs[1, :rows], self.block_tables[:rows], self.q,
+            dec_pos, dec_meta = decode_metadata(self.inputs[1, :rows], self.block_tables[:rows], q,
                                                 self.block_size, self.max_positions)
-            input_ids = torch.cat([self.input_ids[:rows].reshape(-1), chunk_ids])
+            input_ids = torch.cat([self.input_ids[:rows, :q].reshape(-1), chunk_ids])
             positions, meta = torch.cat([dec_pos, chunk_pos]), concat_metadata(dec_meta, chunk_meta)
         hidden, aux = self.model(input_ids, positions, meta, self.aux_layers)
         aux = torch.cat(aux, dim=-1) if aux else None
-        split = rows * self.q
+        split = rows * q
         decoded = None
         if rows:
-            logits = self.model.compute_logits(hidden[:split]).view(rows, self.q, -1)
-            decoded = self._finish_decode(seqs, rows, logits, None if aux is None else aux[:split], proposal)
+            logits = self.model.compute_logits(hidden[:split]).view(rows, q, -1)
+            decoded = self._finish_decode(seqs, rows, q, logits, None if aux is None else aux[:split], proposal)
         ends = chunk_meta.query_start_loc[1:chunks.num_done + 1].long() - 1  # last token of each completing chunk
         prefilled = self._finish_chunks(chunks, hidden[split:].index_select(0, ends),
                                         None if aux is None else aux[split:])
@@ -214,7 +223,7 @@ class ModelRunner:
             if draft_probs.shape[0] < rows:  # padding rows: any distribution will do
                 draft_probs = torch.cat([draft_probs, draft_probs[:1].expand(rows - draft_probs.shape[0],
                                                                               *draft_probs.shape[1:])])
-            draft_probs = draft_probs[:rows]
+            draft_probs = draft_probs[:rows, :drafts.shape[1]]  # a shallow step verifies the first k
         return verify_rejection(drafts, num_drafts, draft_probs, target_probs, uniforms, noise)
 
     def _history(self, seqs: list[Sequence], rows: int, sampling: BatchSampling) -> SamplingHistory | None:
@@ -234,6 +243,19 @@ class ModelRunner:
                                                        prompts=[_penalized_prompt(s) for s in seqs],
                                                        vocab_size=self.vocab_size, eos_token_ids=self.eos_token_ids)
         return self._sampling
+
+
+def _widen(out: torch.Tensor, aux: torch.Tensor | None, logprobs: torch.Tensor | None, rows: int,
+           width: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """A shallow step's results padded from q to ``width`` positions a row: output tokens with
+    PLACEHOLDER, features and logprob data with zeros (never read: past every row's acceptance)."""
+    q = out.shape[1]
+    out = torch.nn.functional.pad(out, (0, width - q), value=PLACEHOLDER)
+    if aux is not None:
+        aux = torch.nn.functional.pad(aux.view(rows, q, -1), (0, 0, 0, width - q)).view(rows * width, -1)
+    if logprobs is not None:
+        logprobs = torch.nn.functional.pad(logprobs, (0, 0, 0, width - q))
+    return out, aux, logprobs
 
 
 def _penalized_prompt(seq: Sequence) -> list[int]:

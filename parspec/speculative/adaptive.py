@@ -22,6 +22,7 @@ its acceptance weighs its vote for k.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 
@@ -65,7 +66,8 @@ class AdaptiveDepth:
         self.population = _Acceptance([prior_acceptance] * k_max)
         self.requests: dict[int, _Acceptance] = {}
         self.buckets: dict[int, _BucketCosts] = {}
-        self.history: list[tuple[int, int]] = []  # (bucket, chosen k) per decode step, for reports and tests
+        # (bucket, chosen k) of the latest decode steps, for reports and tests (bounded: a server runs for days)
+        self.history: deque[tuple[int, int]] = deque(maxlen=4096)
 
     # --- acceptance ----------------------------------------------------------------------
     def observe(self, seq_id: int, num_drafts: int, num_accepted: int) -> None:
@@ -105,6 +107,14 @@ class AdaptiveDepth:
                 k = self._neighbour(costs, k)
         self.history.append((bucket, k))
         return k
+
+    def current(self, seq_ids: list[int], bucket: int) -> int:
+        """The bucket's best depth by what is known, without counting a step or exploring
+        (for steps whose cost is not measured: those that also feed context chunks)."""
+        costs = self.buckets.get(bucket)
+        if costs is None or any(k not in costs.seconds for k in self.candidates):
+            return self.k_max
+        return max(self.candidates, key=lambda d: self.goodput_tokens(seq_ids, d) / costs.seconds[d])
 
     def _neighbour(self, costs: _BucketCosts, k: int) -> int:
         i = self.candidates.index(k)
