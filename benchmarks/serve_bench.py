@@ -160,7 +160,7 @@ def acceptance_length(before: dict, after: dict) -> float | None:
 
 
 def bench_config(url: str, args) -> list[dict]:
-    warm = _prompts(args.prompts, max(2, min(args.concurrency)))
+    warm = _prompts(args.prompts, max(args.concurrency))  # every batch size the cells reach
     asyncio.run(run_cell(url, warm, len(warm), min(16, args.max_tokens)))
     cells = []
     for c in args.concurrency:

@@ -149,3 +149,40 @@ def test_auto_config_keys():
         SpeculativeConfig.from_any({"method": "ngram", "num_speculative_tokens": "deep"})
     with pytest.raises(ConfigError, match="unknown speculative config keys \\['adaptive'\\]"):
         SpeculativeConfig.from_any({"method": "ngram", "num_speculative_tokens": 3, "adaptive": True})
+
+
+def test_outlier_costs_are_dropped_and_a_slow_first_sample_is_replaced():
+    policy = AdaptiveDepth(3)
+    policy.record_cost(1, 3, 2.0)  # the step that captured a graph
+    policy.record_cost(1, 3, 0.010)
+    assert policy.buckets[1].seconds[3] == 0.010
+    policy.record_cost(1, 3, 0.5)  # a pause of the host
+    assert policy.buckets[1].seconds[3] == 0.010
+    policy.record_cost(1, 3, 0.014)
+    assert policy.buckets[1].seconds[3] == pytest.approx(0.011)
+
+
+def test_current_borrows_the_nearest_measured_bucket():
+    policy = AdaptiveDepth(3)
+    assert policy.current([0], 8) == 3  # nothing known: K
+    for k in policy.candidates:
+        policy.record_cost(16, k, 1.0 + 2.0 * k)  # compute-bound: depth costs a lot
+    for _ in range(20):
+        policy.observe(0, 3, 0)
+    assert policy.current([0], 8) == 0
+    assert policy.current([0], 64) == 0
+
+
+@pytest.mark.parametrize("method", ["ngram", "p-eagle"])
+def test_warm_up_visits_every_bucket_and_depth_and_leaves_no_trace(method, no_spec_outputs):
+    llm = LLM(os.path.join(FIX, "target"), dtype="float32", speculative_config=AUTO[method], max_num_seqs=3)
+    engine = llm.engine
+    seconds = engine.warm_up()
+    assert seconds > 0
+    policy = engine.depth_policy
+    assert all(set(policy.buckets[b].seconds) == set(policy.candidates) for b in (1, 2, 3))
+    assert not policy.requests and policy.population.rates == [policy.prior_acceptance] * policy.k_max
+    assert engine.stats.num_drafts == 0 and engine.pop_deltas() == []
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks and not engine.has_unfinished_requests()
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=40), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == no_spec_outputs

@@ -103,6 +103,7 @@ class LLMEngine:
         # maximises expected tokens per second (speculative/adaptive.py)
         self.depth_policy = AdaptiveDepth(k) if self.spec_config and self.spec_config.adaptive else None
         self._last_read: float | None = None  # host clock when the last decode step was read
+        self._forced_depths: list[int] = []  # warm_up(): the depths its steps take, last first
         self.async_scheduling = use_graphs if cfg.async_scheduling is None else cfg.async_scheduling
         self._inflight: tuple[list[Sequence], StepOutput] | None = None  # a decode step launched, not yet read
         self._batch: list[Sequence] = []  # the sequences of the last launched step (what a failure hits)
@@ -279,6 +280,8 @@ class LLMEngine:
     def _depth(self, seqs: list[Sequence], steady: bool) -> int:
         """The step's speculation depth: K, or the adaptive policy's choice for this batch (a
         step that also feeds context chunks takes the bucket's current choice, unmeasured)."""
+        if self._forced_depths and steady:
+            return self._forced_depths.pop()
         if self.depth_policy is None:
             return self.k
         bucket = self.runner.bucket(len(seqs))
@@ -507,6 +510,41 @@ class LLMEngine:
                 self._finish(seq, reason, error=error)
                 ids.append(seq.request_id)
         return list(dict.fromkeys(ids))
+
+    def warm_up(self, max_batch: int | None = None) -> float:
+        """Compile the kernels and capture the CUDA graphs of every decode batch bucket (and,
+        with adaptive depth, every depth) now, as vLLM does at start-up, so no request waits
+        for them; with adaptive depth, also measure each (bucket, depth) step's cost, so the
+        policy starts knowing them. Runs short dummy requests on an idle engine and leaves no
+        trace (statistics, acceptance estimates, KV blocks). Returns the seconds it took."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("warm_up() needs an idle engine")
+        start = time.perf_counter()
+        depths = self.depth_policy.candidates if self.depth_policy is not None else [self.k]
+        limit = min(max_batch or self.cfg.max_num_seqs, self.cfg.max_num_seqs)
+        buckets = [b for b in self.runner.buckets if b <= limit]
+        prompt = {"prompt_token_ids": [1 + i % (self.model_config.vocab_size - 1) for i in range(16)]}
+        params = SamplingParams(temperature=0.0, ignore_eos=True,
+                                max_tokens=min(3 * len(depths) * (self.k + 1) + 2, self.max_model_len - 17))
+        for measure in (False, True):  # the first pass compiles and captures; the second is timed
+            for b in buckets:
+                self._forced_depths = [d for d in reversed(depths) for _ in range(2)]
+                ids = [self.add_request(prompt, params).request_id for _ in range(b)]
+                while self._forced_depths and self.has_unfinished_requests():
+                    self.step()
+                for request_id in ids:
+                    self.abort_request(request_id)
+                while self._inflight is not None:  # an aborted step still in flight: read it, drop it
+                    self.step()
+                self._forced_depths = []
+            if self.depth_policy is not None and not measure:
+                self.depth_policy.buckets.clear()  # the capture pass's costs include compiling
+        if self.depth_policy is not None:
+            self.depth_policy.forget_acceptance()  # dummy prompts say nothing about real ones
+        self._changed.clear()
+        self._last_read = None
+        self.reset_stats()
+        return time.perf_counter() - start
 
     def generate(self, prompts, params, use_tqdm: bool = True) -> list[RequestOutput]:
         """Runs ``prompts`` to the end; one RequestOutput each (with its n completions), in order.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import time
 from contextlib import asynccontextmanager
 
@@ -128,6 +129,9 @@ def build_server_app(engine_config, speculative_config=None, served_model_names:
     from parspec.engine.llm_engine import LLMEngine
 
     llm = LLMEngine(engine_config, speculative_config)
+    if llm.device.type == "cuda":  # kernels compiled and graphs captured before the first request
+        what = "kernels, CUDA graphs" + (", step cost per depth" if llm.depth_policy is not None else "")
+        print(f"parspec serve: warm-up ({what}) took {llm.warm_up():.1f} s", file=sys.stderr, flush=True)
     names = list(served_model_names or [engine_config.model])
     k = llm.spec_config.num_speculative_tokens if llm.spec_config else 0
     metrics = ServerMetrics(names[0], llm.max_model_len, k)

@@ -60,6 +60,8 @@ class AdaptiveDepth:
         if k_max < 1:
             raise ValueError(f"adaptive speculation needs a maximum depth >= 1, got {k_max}")
         self.k_max = k_max
+        self.prior_acceptance = prior_acceptance
+        self.outlier = 4.0
         self.candidates = candidate_depths(k_max)
         self.smoothing = smoothing
         self.explore_every = explore_every
@@ -89,9 +91,20 @@ class AdaptiveDepth:
 
     # --- cost ----------------------------------------------------------------------------
     def record_cost(self, bucket: int, k: int, seconds: float) -> None:
+        """A steady step's wall time. A sample over ``outlier`` times the estimate (a kernel
+        compiled, a graph captured, a pause of the host) is not the step's cost and is dropped;
+        a first sample that was one is replaced by the next, faster one."""
         costs = self.buckets.setdefault(bucket, _BucketCosts())
         old = costs.seconds.get(k)
-        costs.seconds[k] = seconds if old is None else old + self.smoothing * (seconds - old)
+        if old is None or seconds * self.outlier < old:
+            costs.seconds[k] = seconds
+        elif seconds <= self.outlier * old:
+            costs.seconds[k] = old + self.smoothing * (seconds - old)
+
+    def forget_acceptance(self) -> None:
+        """Back to the prior acceptance (after warm-up's dummy requests)."""
+        self.population = _Acceptance([self.prior_acceptance] * self.k_max)
+        self.requests.clear()
 
     # --- the choice ----------------------------------------------------------------------
     def choose(self, seq_ids: list[int], bucket: int) -> int:
@@ -109,11 +122,13 @@ class AdaptiveDepth:
         return k
 
     def current(self, seq_ids: list[int], bucket: int) -> int:
-        """The bucket's best depth by what is known, without counting a step or exploring
-        (for steps whose cost is not measured: those that also feed context chunks)."""
-        costs = self.buckets.get(bucket)
-        if costs is None or any(k not in costs.seconds for k in self.candidates):
+        """The best depth by what is known, without counting a step or exploring (for steps
+        whose cost is not measured: those that also feed context chunks). A bucket not fully
+        measured borrows the costs of the nearest one that is; with none, K."""
+        known = [b for b, c in self.buckets.items() if all(k in c.seconds for k in self.candidates)]
+        if not known:
             return self.k_max
+        costs = self.buckets[min(known, key=lambda b: (abs(b - bucket), b))]
         return max(self.candidates, key=lambda d: self.goodput_tokens(seq_ids, d) / costs.seconds[d])
 
     def _neighbour(self, costs: _BucketCosts, k: int) -> int:
