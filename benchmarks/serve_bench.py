@@ -149,7 +149,16 @@ def spec_counters(url: str) -> dict:
                      "vllm:spec_decode_num_draft_tokens_total"):
             if line.startswith(name + "{"):
                 out[name] = float(line.rsplit(" ", 1)[1])
+        if line.startswith("parspec:spec_decode_depth_steps_total{"):
+            depth = line.split('depth="', 1)[1].split('"', 1)[0]
+            out[f"depth {depth}"] = float(line.rsplit(" ", 1)[1])
     return out
+
+
+def depth_steps(before: dict, after: dict) -> dict:
+    """Steps per verified depth in a cell (what an adaptive depth chose)."""
+    return {k.split()[1]: int(v - before.get(k, 0)) for k, v in after.items()
+            if k.startswith("depth ") and v - before.get(k, 0) > 0}
 
 
 def acceptance_length(before: dict, after: dict) -> float | None:
@@ -167,12 +176,14 @@ def bench_config(url: str, args) -> list[dict]:
         prompts = _prompts(args.prompts, max(args.num_prompts, 2 * c))
         before = spec_counters(url)
         cell = asyncio.run(run_cell(url, prompts, c, args.max_tokens))
-        cell["acceptance_length"] = acceptance_length(before, spec_counters(url))
+        after = spec_counters(url)
+        cell["acceptance_length"] = acceptance_length(before, after)
+        cell["depth_steps"] = depth_steps(before, after)
         cells.append(cell)
         ttft, tpot = cell["ttft_s"].get("p50", 0) * 1e3, cell["tpot_s"].get("p50", 0) * 1e3
         print(f"  c={c:<4} {cell['output_tokens_per_s']:9.1f} tok/s  TTFT p50 {ttft:8.1f} ms"
               f"  TPOT p50 {tpot:7.2f} ms  acceptance "
-              f"{cell['acceptance_length'] or '-'}  failed {cell['failed']}", flush=True)
+              f"{cell['acceptance_length'] or '-'}  failed {cell['failed']}  depths {cell['depth_steps']}", flush=True)
     return cells
 
 

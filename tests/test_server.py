@@ -336,6 +336,9 @@ def test_metrics_count_a_known_workload(server):
     assert moved(_m("vllm:spec_decode_num_accepted_tokens_total")) == stats.num_accepted_tokens
     per_pos = stats.num_accepted_tokens_per_pos + [0] * (3 - len(stats.num_accepted_tokens_per_pos))
     assert [moved(_m("vllm:spec_decode_num_accepted_tokens_per_pos_total", position=i)) for i in range(3)] == per_pos
+    # parspec's own: steps per verified depth (all at K = 3 without "auto")
+    assert llm.engine.depth_steps[3] > 0 and sum(llm.engine.depth_steps[:3]) == 0
+    assert [moved(_m("parspec:spec_decode_depth_steps_total", depth=k)) for k in range(4)] == llm.engine.depth_steps
     assert after[_m("vllm:kv_cache_usage_perc")] == 0.0
     assert after[_m("vllm:num_requests_running")] == 0 and after[_m("vllm:num_requests_waiting")] == 0
 

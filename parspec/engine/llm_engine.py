@@ -73,6 +73,9 @@ def _fails_cleanly(step):
 class LLMEngine:
     def __init__(self, cfg: EngineConfig, speculative_config=None):
         self.cfg = cfg
+        if cfg.pipeline_parallel_size != 1:  # never silently on one device
+            raise ConfigError(f"LLMEngine runs the target on one device; pipeline_parallel_size="
+                              f"{cfg.pipeline_parallel_size} runs in parspec.spd.engine.PipelineEngine (LLM picks it)")
         if cfg.seed is not None:  # vLLM's engine-wide seed: unseeded sampling repeats run to run
             random.seed(cfg.seed)
             np.random.seed(cfg.seed)
@@ -263,6 +266,7 @@ class LLMEngine:
         if proposal is not None:
             self.drafter_passes += proposal.drafter_passes
             self.draft_steps += 1
+            self.depth_steps[depth] += 1
         out, prefilled = self.runner.step(seqs, proposal, previous, chunks, depth)  # one target forward + verification
         mark("verified")
         if self.proposer:  # EAGLE-3 and the draft LM draft the next step here
@@ -467,6 +471,7 @@ class LLMEngine:
         self.stats = SpecStats()
         self.drafter_passes = 0
         self.draft_steps = 0  # engine steps that drafted (one per batch, not per sequence)
+        self.depth_steps = [0] * (self.k + 1)  # those steps by the depth they verified (K unless "auto")
 
     @property
     def drafter_passes_per_step(self) -> float:
@@ -523,10 +528,14 @@ class LLMEngine:
         depths = self.depth_policy.candidates if self.depth_policy is not None else [self.k]
         limit = min(max_batch or self.cfg.max_num_seqs, self.cfg.max_num_seqs)
         buckets = [b for b in self.runner.buckets if b <= limit]
-        prompt = {"prompt_token_ids": [1 + i % (self.model_config.vocab_size - 1) for i in range(16)]}
         params = SamplingParams(temperature=0.0, ignore_eos=True,
-                                max_tokens=min(3 * len(depths) * (self.k + 1) + 2, self.max_model_len - 17))
-        for measure in (False, True):  # the first pass compiles and captures; the second is timed
+                                max_tokens=max(1, min(3 * len(depths) * (self.k + 1) + 2, self.max_model_len - 49)))
+        # The first pass compiles and captures; the second is timed. Prompt lengths of both
+        # classes Triton specialises integers on (a multiple of 16 or not), long enough for
+        # the prefill kernels' tile sizes.
+        for measure, length in ((False, 41), (True, 48)):
+            length = min(length, self.max_model_len - 2)
+            prompt = {"prompt_token_ids": [1 + i % (self.model_config.vocab_size - 1) for i in range(length)]}
             for b in buckets:
                 self._forced_depths = [d for d in reversed(depths) for _ in range(2)]
                 ids = [self.add_request(prompt, params).request_id for _ in range(b)]

@@ -96,6 +96,10 @@ class ServerMetrics:
                                              "Number of draft tokens.").labels(*values)
             self.spec_accepted = counter("vllm:spec_decode_num_accepted_tokens",
                                          "Number of accepted tokens.").labels(*values)
+            depth = counter("parspec:spec_decode_depth_steps", "Speculative decode steps by the depth k they "
+                            "verified (K, or the adaptive choice with num_speculative_tokens auto).", ["depth"])
+            self.spec_depth = [depth.labels(*values, str(k)) for k in range(num_speculative_tokens + 1)]
+            self._seen_depth = [0] * (num_speculative_tokens + 1)
             per_pos = counter("vllm:spec_decode_num_accepted_tokens_per_pos", "Accepted tokens per draft position.",
                               ["position"])
             self.spec_per_pos = [per_pos.labels(*values, str(i)) for i in range(num_speculative_tokens)]
@@ -145,6 +149,10 @@ class ServerMetrics:
             self._seen_preemptions = sched.num_preemptions
         if self.spec:
             self._observe_spec(engine.stats)
+            for k, total in enumerate(engine.depth_steps[:len(self.spec_depth)]):
+                if total > self._seen_depth[k]:
+                    self.spec_depth[k].inc(total - self._seen_depth[k])
+                self._seen_depth[k] = total
 
     def _observe_spec(self, stats) -> None:
         drafts, draft_tokens, accepted, per_pos = self._seen_spec
