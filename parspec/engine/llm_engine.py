@@ -73,9 +73,6 @@ def _fails_cleanly(step):
 class LLMEngine:
     def __init__(self, cfg: EngineConfig, speculative_config=None):
         self.cfg = cfg
-        if cfg.pipeline_parallel_size != 1:  # never silently on one device
-            raise ConfigError(f"LLMEngine runs the target on one device; pipeline_parallel_size="
-                              f"{cfg.pipeline_parallel_size} runs in parspec.spd.engine.PipelineEngine (LLM picks it)")
         if cfg.seed is not None:  # vLLM's engine-wide seed: unseeded sampling repeats run to run
             random.seed(cfg.seed)
             np.random.seed(cfg.seed)
