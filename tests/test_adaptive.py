@@ -186,3 +186,20 @@ def test_warm_up_visits_every_bucket_and_depth_and_leaves_no_trace(method, no_sp
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks and not engine.has_unfinished_requests()
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=40), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == no_spec_outputs
+
+
+def test_population_estimate_is_not_set_by_the_last_few_requests():
+    """At batch 64 each step brings 64 observations: the population's acceptance must reflect
+    all of them, not the last handful (which made the served choice jump between depths)."""
+    policy = AdaptiveDepth(7, prior_acceptance=0.9)
+    rng = random.Random(0)
+    for _ in range(40):  # steps
+        for s in range(64):  # requests accept ~85% per position
+            n = 0
+            while n < 7 and rng.random() < 0.85:
+                n += 1
+            policy.observe(s, 7, n)
+    assert 0.78 < policy.population.rates[0] < 0.92
+    for s in range(61, 64):  # three requests in a row that reject at once
+        policy.observe(s, 7, 0)
+    assert policy.population.rates[0] > 0.75

@@ -61,6 +61,7 @@ class AdaptiveDepth:
             raise ValueError(f"adaptive speculation needs a maximum depth >= 1, got {k_max}")
         self.k_max = k_max
         self.prior_acceptance = prior_acceptance
+        self.population_smoothing = smoothing / 16
         self.outlier = 4.0
         self.candidates = candidate_depths(k_max)
         self.smoothing = smoothing
@@ -78,10 +79,12 @@ class AdaptiveDepth:
         if num_drafts == 0:
             return
         mine = self.requests.setdefault(seq_id, _Acceptance(list(self.population.rates)))
-        for est in (mine, self.population):
+        # The population hears every request every step (64 observations a step at batch 64), so it
+        # moves far slower than one request's estimate, or the last few requests would set it.
+        for est, rate in ((mine, self.smoothing), (self.population, self.population_smoothing)):
             for i in range(min(num_accepted + 1, num_drafts)):
                 hit = 1.0 if i < num_accepted else 0.0
-                est.rates[i] += self.smoothing * (hit - est.rates[i])
+                est.rates[i] += rate * (hit - est.rates[i])
 
     def release(self, seq_id: int) -> None:
         self.requests.pop(seq_id, None)
