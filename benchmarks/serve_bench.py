@@ -212,6 +212,8 @@ def plot(record: dict, path: str) -> None:
 
 
 def _commit() -> str:
+    if os.environ.get("PARSPEC_COMMIT"):  # a snapshot without .git (the device runs one)
+        return os.environ["PARSPEC_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
     except OSError:
