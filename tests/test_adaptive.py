@@ -177,10 +177,24 @@ def test_current_borrows_the_nearest_measured_bucket():
 def test_warm_up_visits_every_bucket_and_depth_and_leaves_no_trace(method, no_spec_outputs):
     llm = LLM(os.path.join(FIX, "target"), dtype="float32", speculative_config=AUTO[method], max_num_seqs=3)
     engine = llm.engine
+    calls = []
+    original = engine.runner.step
+
+    def recording(seqs, proposal, previous=None, chunks=None, depth=None):
+        calls.append((len(seqs), chunks is not None, depth))
+        return original(seqs, proposal, previous, chunks, depth)
+
+    engine.runner.step = recording
     seconds = engine.warm_up()
+    engine.runner.step = original
     assert seconds > 0
     policy = engine.depth_policy
-    assert all(set(policy.buckets[b].seconds) == set(policy.candidates) for b in (1, 2, 3))
+    # Every (rows, depth) ran as a steady step and as one that also prefilled an arrival; on the
+    # CPU every batch size is its own bucket, and the largest (3) runs one row short, to leave a
+    # slot for the arrival.
+    for mixed in (False, True):
+        assert {(b, d) for b, m, d in calls if m == mixed and b} == {(b, d) for b in (1, 2) for d in policy.candidates}
+    assert all(set(policy.buckets[b].seconds) == set(policy.candidates) for b in (1, 2))
     assert not policy.requests and policy.population.rates == [policy.prior_acceptance] * policy.k_max
     assert engine.stats.num_drafts == 0 and engine.pop_deltas() == []
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks and not engine.has_unfinished_requests()

@@ -281,7 +281,7 @@ class LLMEngine:
     def _depth(self, seqs: list[Sequence], steady: bool) -> int:
         """The step's speculation depth: K, or the adaptive policy's choice for this batch (a
         step that also feeds context chunks takes the bucket's current choice, unmeasured)."""
-        if self._forced_depths and steady:
+        if self._forced_depths:  # warm_up()
             return self._forced_depths.pop()
         if self.depth_policy is None:
             return self.k
@@ -529,15 +529,25 @@ class LLMEngine:
                                 max_tokens=max(1, min(3 * len(depths) * (self.k + 1) + 2, self.max_model_len - 49)))
         # The first pass compiles and captures; the second is timed. Prompt lengths of both
         # classes Triton specialises integers on (a multiple of 16 or not), long enough for
-        # the prefill kernels' tile sizes.
+        # the prefill kernels' tile sizes. At each depth: one step that also prefills a new
+        # request (what every arrival causes while others decode), then two steady steps.
+        vocab = self.model_config.vocab_size
         for measure, length in ((False, 41), (True, 48)):
-            length = min(length, self.max_model_len - 2)
-            prompt = {"prompt_token_ids": [1 + i % (self.model_config.vocab_size - 1) for i in range(length)]}
+            prompts = [{"prompt_token_ids": [1 + i % (vocab - 1) for i in range(min(n, self.max_model_len - 2))]}
+                       for n in (length, length + 7)]
             for b in buckets:
-                self._forced_depths = [d for d in reversed(depths) for _ in range(2)]
-                ids = [self.add_request(prompt, params).request_id for _ in range(b)]
-                while self._forced_depths and self.has_unfinished_requests():
-                    self.step()
+                # An arrival needs a free slot: the largest bucket runs one row short (on a GPU the
+                # same bucket, since the ladder's steps are wider than one).
+                rows = b - 1 if b == self.cfg.max_num_seqs and b > 1 else b
+                ids = [self.add_request(prompts[0], params).request_id for _ in range(rows)]
+                self.step()  # their prefill
+                for d in depths:
+                    self._forced_depths = [d] * 3
+                    extra = self.add_request(prompts[1], params).request_id
+                    self.step()  # decode rows at depth d and the new request's prefill, in one step
+                    self.abort_request(extra)
+                    while self._forced_depths and self.has_unfinished_requests():
+                        self.step()
                 for request_id in ids:
                     self.abort_request(request_id)
                 while self._inflight is not None:  # an aborted step still in flight: read it, drop it
