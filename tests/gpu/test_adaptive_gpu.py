@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import itertools
 import os
-import warnings
 
 import pytest
 import torch
 
+from tests.gpu.test_cuda_graphs_gpu import assert_steady_steps_have_no_host_sync
 from tests.gpu.test_engine_gpu import FIX, SPECS, _prompts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
@@ -67,25 +67,4 @@ def test_auto_is_lossless_in_float32(method):
 
 
 def test_auto_step_has_no_hidden_host_sync():
-    from parspec import SamplingParams
-
-    llm = _llm(_auto("p-eagle"), False, max_num_seqs=4)
-    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-    llm.generate(_prompts(4), params, use_tqdm=False)  # capture the graphs, learn the costs
-    engine = llm.engine
-    for p in _prompts(4):
-        engine.add_request(p, params)
-    engine.step()
-    engine.step()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for _ in range(5):
-                engine.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
-    assert not syncs, syncs
-    while engine.has_unfinished_requests():
-        engine.step()
+    assert_steady_steps_have_no_host_sync(_llm(_auto("p-eagle"), False, max_num_seqs=4))

@@ -58,20 +58,15 @@ def test_seeded_sampling_reproduces_under_graphs(method):
     assert all(len(x) == 48 for x in first)
 
 
-@pytest.mark.parametrize("method", ["no-spec", "p-eagle", "eagle3"])
-def test_decode_step_has_no_hidden_host_sync(method):
-    """After warm-up, a greedy decode step synchronises only where the engine reads the
+def assert_steady_steps_have_no_host_sync(llm, num_prompts: int = 4) -> None:
+    """After a warm-up generate, decode steps synchronise only where the engine reads the
     verified tokens (an event wait, which sync-debug mode does not flag)."""
     from parspec import SamplingParams
 
-    spec = None if method == "no-spec" else SPECS[method]
-    from parspec import LLM
-
-    llm = LLM(TARGET, dtype="bfloat16", device="cuda", speculative_config=spec, max_num_seqs=4, max_model_len=1024)
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-    llm.generate(_prompts(4), params, use_tqdm=False)  # capture the graphs
+    llm.generate(_prompts(num_prompts), params, use_tqdm=False)  # compile, capture the graphs
     engine = llm.engine
-    for p in _prompts(4):
+    for p in _prompts(num_prompts):
         engine.add_request(p, params)
     engine.step()  # the prefill (host-built metadata) and the first decode
     engine.step()
@@ -87,6 +82,15 @@ def test_decode_step_has_no_hidden_host_sync(method):
     assert syncs == [], syncs
     while engine.has_unfinished_requests():
         engine.step()
+
+
+@pytest.mark.parametrize("method", ["no-spec", "p-eagle", "eagle3"])
+def test_decode_step_has_no_hidden_host_sync(method):
+    from parspec import LLM
+
+    spec = None if method == "no-spec" else SPECS[method]
+    assert_steady_steps_have_no_host_sync(LLM(TARGET, dtype="bfloat16", device="cuda", speculative_config=spec,
+                                              max_num_seqs=4, max_model_len=1024))
 
 
 @pytest.mark.parametrize("method", ["no-spec", "draft_model", "p-eagle"])
