@@ -35,6 +35,11 @@ DTYPES = {
 }
 
 
+def resolve_device(name: str) -> torch.device:
+    """'auto' is the GPU when there is one, else the CPU; anything else as torch reads it."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
@@ -151,7 +156,7 @@ class ModelConfig:
         return cls.from_dict(read_json(os.path.join(model_dir, "config.json"), "config.json"))
 
 
-SPEC_METHODS = ("ngram", "draft_model", "eagle3")
+SPEC_METHODS = ("ngram", "draft_model", "eagle3", "spd")
 
 
 def infer_spec_method(model: str | None) -> str:
@@ -197,7 +202,10 @@ class SpeculativeConfig:
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             what = "max_num_speculative_tokens" if self.adaptive else 'num_speculative_tokens (or "auto")'
             raise ConfigError(f"{what} must be an integer >= 1, got {k!r}")
-        if self.method in ("draft_model", "eagle3") and not self.model:
+        if self.method == "spd" and k != 1:
+            raise ConfigError(f"speculative method 'spd' verifies one draft per pipeline cycle: "
+                              f"num_speculative_tokens must be 1 or absent, got {k!r}")
+        if self.method in ("draft_model", "eagle3", "spd") and not self.model:
             raise ConfigError(f"speculative method {self.method!r} needs \"model\": the drafter's directory")
         if self.method == "ngram":
             if self.model in ("ngram", "[ngram]"):
@@ -227,9 +235,6 @@ class SpeculativeConfig:
             return "ngram"
         if method == "eagle":
             raise ConfigError("speculative method 'eagle' (EAGLE-1/2) is not supported; use 'eagle3'")
-        if method == "spd":
-            raise ConfigError("speculative method 'spd' is not available yet; "
-                              f"choose one of {', '.join(SPEC_METHODS)}")
         if method not in SPEC_METHODS:
             raise ConfigError(f"unknown speculative method {method!r}; choose one of {', '.join(SPEC_METHODS)}")
         return method
@@ -254,6 +259,8 @@ class SpeculativeConfig:
         unknown = sorted(set(value) - known)
         if unknown:
             raise ConfigError(f"unknown speculative config keys {unknown}; known: {sorted(known)}")
+        if value["method"] == "spd":
+            value.setdefault("num_speculative_tokens", 1)  # one draft verified per cycle
         if "num_speculative_tokens" not in value:
             raise ConfigError("speculative config needs \"num_speculative_tokens\"")
         return cls(**value)
@@ -282,8 +289,13 @@ class EngineConfig:
     # The target computes every row the same way whatever the batch (parspec.batch_invariant):
     # greedy speculative output then equals no-spec output bit for bit in any dtype.
     batch_invariant: bool = False
+    # Pipeline stages (one process each; parspec.spd): > 1 runs plain pipelined or SPD decoding.
+    pipeline_parallel_size: int = 1
 
     def __post_init__(self):
+        pp = self.pipeline_parallel_size
+        if not isinstance(pp, int) or isinstance(pp, bool) or pp < 1:
+            raise ConfigError(f"pipeline_parallel_size must be an integer >= 1, got {pp!r}")
         if not isinstance(self.batch_invariant, bool):
             raise ConfigError(f"batch_invariant must be true or false, got {self.batch_invariant!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
@@ -307,6 +319,4 @@ class EngineConfig:
             raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
 
     def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device)

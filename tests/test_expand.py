@@ -37,7 +37,8 @@ def one_thread():
 def tiny(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("expanded"))
     out = expand_reference_pair(FIX, root, scale="tiny", dtype="float32", device="cpu", progress=False)
-    assert sorted(out) == ["draft", "eagle3", "p-eagle", "target"]
+    # spd-4 is skipped: the tiny preset's 7 layers split into 4 stages differently from the 5.
+    assert sorted(out) == ["draft", "eagle3", "p-eagle", "spd-2", "target"]
     return root
 
 
@@ -116,6 +117,30 @@ def test_expanded_lm_logits_and_features_equal_original(tiny, name):
         hf_new = _hf_logits(dst, tokens)
         _assert_close_rel(hf_new, _hf_logits(src, tokens))
         _assert_close_rel(hf_new, logits)
+
+
+def test_expanded_spd_module_drafts_like_the_original(tiny):
+    """The expanded SPD module on the expanded target's stage features gives the original's
+    logits on the original's features (so the same drafts and acceptance)."""
+    from parspec.spd.features import depth_features
+    from parspec.spd.module import SPDModule
+
+    with open(os.path.join(tiny, "expansion.json")) as f:
+        assert "spd-4" in json.load(f)["skipped"]
+    tokens = torch.randint(7, 6144, (1, 29), generator=torch.Generator().manual_seed(2))
+    logits = []
+    for root in (FIX, tiny):
+        target, _ = load_model(os.path.join(root, "target"), torch.float32, torch.device("cpu"))
+        module = SPDModule.from_pretrained(os.path.join(root, "spd-2"), target.model.embed_tokens, target.model.norm,
+                                           target.lm_head, dtype=torch.float32)
+        feats, _ = depth_features(target, tokens, module.config.stage_bounds)
+        depths = torch.tensor([[2, 1, 0]] * 27)  # steady-state windows
+        pos = torch.arange(27)[:, None] + torch.arange(3)
+        window = feats[0, pos, (depths - 1).clamp(min=0)]
+        with torch.no_grad():
+            logits.append(module(tokens[0, pos], depths, window))
+    _assert_close_rel(logits[1], logits[0])
+    assert torch.equal(logits[1].argmax(-1), logits[0].argmax(-1))
 
 
 @pytest.mark.parametrize("family", ["llama", "llama31"])

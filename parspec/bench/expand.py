@@ -570,13 +570,97 @@ def expand_eagle_head(src_dir: str, dst_dir: str, target_hidden_new: int, target
     return new_aux
 
 
+# --- an SPD speculation module -------------------------------------------------------------
+
+def spd_partition_preserved(old_bounds: list[int], layer_map: list[int], new_bounds: list[int]) -> bool:
+    """The expanded target's stage s starts where source layer old_bounds[s]'s input is: every
+    source layer before old_bounds[s] maps before new_bounds[s], every later one at or after it
+    (the layers in between are identities), so a feature at depth s is [x; 0] of the source's."""
+    return all((layer_map[i] < new_bounds[s]) == (i < old_bounds[s])
+               for s in range(1, len(old_bounds) - 1) for i in range(len(layer_map)))
+
+
+def expand_spd_module(src_dir: str, dst_dir: str, target_hidden_new: int, layer_map: list[int] | None = None,
+                      num_layers_new: int | None = None, dtype="bfloat16", seed: int = 0, *, device=None,
+                      progress: bool = True) -> list[int]:
+    """Writes an SPD module for the expanded target that drafts what the source drafts. Its
+    inputs, the target's features and embeddings, become [x; 0]: the per-depth norms get the
+    same rescaling as the target's (weights x sqrt(H0/H), eps x H0/H) and the projections' new
+    input columns meet zeros (seeded random); its output back to the target's width gets zero
+    rows, so the shared final norm and lm_head see [y; 0]. The module's own width is kept.
+    With ``layer_map`` / ``num_layers_new``, the expanded target's even split into the same
+    number of stages must hold the same source layers in each stage (else ExpansionError).
+    Returns the new stage bounds."""
+    from parspec.spd.module import SPDModule, SPDModuleConfig, check_weights, read_weights
+    from parspec.spd.partition import stage_bounds
+
+    what = f"expanding {src_dir}"
+    cfg = SPDModuleConfig.from_pretrained(src_dir)
+    H0, n = cfg.target_hidden_size, cfg.num_stages
+    _check_grows(what, "target_hidden_new", H0, target_hidden_new)
+    new_bounds = cfg.stage_bounds
+    if layer_map is not None:
+        if len(layer_map) != cfg.target_num_layers:
+            raise ExpansionError(f"{what}: layer_map has {len(layer_map)} layers, the module's target "
+                                 f"{cfg.target_num_layers}")
+        num_layers_new = num_layers_new or layer_map[-1] + 1
+        new_bounds = stage_bounds(num_layers_new, n)
+        if not spd_partition_preserved(cfg.stage_bounds, layer_map, new_bounds):
+            raise ExpansionError(f"{what}: the expanded target's {n} stages {new_bounds} do not hold the source's "
+                                 f"stages {cfg.stage_bounds} (layer_map {layer_map}): its features would differ")
+    tensors = read_weights(src_dir)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in SPDModule(cfg).state_dict().items()}
+    try:
+        check_weights(src_dir, tensors, expected)
+    except ValueError as e:
+        raise ExpansionError(str(e)) from e
+    dtype = parse_dtype(dtype)
+    b = TensorBuilder(seed, _default_device(device), dtype)
+    Hn, h, scale = target_hidden_new, cfg.hidden_size, math.sqrt(H0 / target_hidden_new)
+
+    def in_proj() -> torch.Tensor:
+        out = b.reads(None, (n + 1, h, Hn), None, None)
+        out[:, :, :H0] = tensors["in_proj"].to(out.device, dtype)
+        return out
+
+    def in_norm() -> torch.Tensor:
+        out = torch.zeros(n + 1, Hn, device=b.device, dtype=dtype)
+        out[:, :H0] = tensors["in_norm"].to(out.device).float() * scale
+        return out
+
+    built = {"in_proj": in_proj, "in_norm": in_norm,
+             "out_proj.weight": lambda: b.writes(tensors["out_proj.weight"], (Hn, h), slice(0, H0), slice(None))}
+    plan = [PlannedTensor(name, (n + 1, h, Hn) if name == "in_proj" else (n + 1, Hn) if name == "in_norm"
+                          else (Hn, h) if name == "out_proj.weight" else tuple(t.shape), dtype,
+                          built.get(name, lambda t=t: t.to(b.device, dtype)))
+            for name, t in tensors.items()]
+    os.makedirs(dst_dir, exist_ok=True)
+    write_safetensors(plan, dst_dir, progress=progress)
+    new_cfg = SPDModuleConfig(**{**{k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+                                 "stage_bounds": new_bounds, "target_hidden_size": Hn,
+                                 "feature_norm_eps": cfg.feature_norm_eps * H0 / Hn,
+                                 "extra": {**cfg.extra, "parspec_expanded_from": {
+                                     "source": os.path.normpath(src_dir), "target_hidden_size": H0,
+                                     "stage_bounds": cfg.stage_bounds, "target_layer_map": layer_map, "seed": seed}}})
+    _write_json(os.path.join(dst_dir, "config.json"), {**new_cfg.to_dict(), "torch_dtype": _dtype_name(dtype)})
+    _write_readme(dst_dir, "Function-preserving expansion of an SPD module (parspec.bench.expand)", [
+        f"source: `{os.path.normpath(src_dir)}` (n = {n}, target hidden {H0}, stages {cfg.stage_bounds})",
+        f"this module: target hidden {Hn}, stages {new_bounds}; its own width {h} is unchanged",
+        "drafts what the source drafts for the unexpanded target (exactly in real arithmetic)",
+    ])
+    return new_bounds
+
+
 # --- the reference pair --------------------------------------------------------------------
 
 def expand_reference_pair(src_root: str = DEFAULT_SRC, dst_root: str | None = None, scale: str = "8b",
                           dtype="bfloat16", *, seed: int = 0, device=None, progress: bool = True,
                           max_shard_bytes: int = MAX_SHARD_BYTES) -> dict[str, str]:
-    """Expands target/, draft/, eagle3/ and p-eagle/ of ``src_root`` (those present; target is
-    required) into ``dst_root`` at a preset's shapes. Returns name -> written directory."""
+    """Expands target/, draft/, eagle3/, p-eagle/ and the SPD modules spd-N/ of ``src_root``
+    (those present; target is required) into ``dst_root`` at a preset's shapes. An spd-N whose
+    N stages the preset's layer count does not split the same way is skipped, and recorded
+    in expansion.json. Returns name -> written directory."""
     if dst_root is None:
         raise ExpansionError("expand_reference_pair needs dst_root, the directory to write")
     if scale not in PRESETS:
@@ -600,6 +684,16 @@ def expand_reference_pair(src_root: str = DEFAULT_SRC, dst_root: str | None = No
             expand_eagle_head(os.path.join(src_root, name), out[name], t.hidden, old_hidden, layer_map, h.hidden,
                               h.num_heads, h.num_kv_heads, h.intermediate, seed=seed + 1 + k, head_dim=h.head_dim,
                               **opts)
+    skipped = {}
+    for name in sorted(os.listdir(src_root)):  # spd-2, spd-4, ...: the SPD modules
+        if name.startswith("spd-") and os.path.isfile(os.path.join(src_root, name, "config.json")):
+            try:
+                expand_spd_module(os.path.join(src_root, name), os.path.join(dst_root, name), t.hidden, layer_map,
+                                  t.num_layers, dtype=dtype, seed=seed + 4, device=device, progress=progress)
+                out[name] = os.path.join(dst_root, name)
+            except ExpansionError as e:  # this preset's depth does not split like the source's
+                skipped[name] = str(e)
+                print(f"skipped {name}: {e}", file=sys.stderr)
     if os.path.isdir(os.path.join(src_root, "draft")):
         d = preset.draft
         out["draft"] = os.path.join(dst_root, "draft")
@@ -609,7 +703,7 @@ def expand_reference_pair(src_root: str = DEFAULT_SRC, dst_root: str | None = No
     _write_json(os.path.join(dst_root, "expansion.json"), {
         "source": os.path.normpath(src_root), "scale": scale, "dtype": _dtype_name(parse_dtype(dtype)),
         "seed": seed, "preset": asdict(preset), "target_layer_map": layer_map, "models": sorted(out),
-        "note": vocab_note(vocab)})
+        **({"skipped": skipped} if skipped else {}), "note": vocab_note(vocab)})
     _write_readme(dst_root, f"The reference pair expanded to the {scale!r} preset", [
         f"source: `{os.path.normpath(src_root)}`; written by `python -m parspec.bench.expand --scale {scale}`",
         *(f"{name}/: see {name}/README.md" for name in sorted(out)),

@@ -17,6 +17,16 @@ def _smooth(values: list[float], window: int) -> list[float]:
 
 
 def plot_metrics(metrics: dict, path: str) -> bool:
+    """An EAGLE-3 / P-EAGLE head's curves: weighted loss and KL per depth, held-out top-1 per depth."""
+    return plot_curves(metrics, path, loss_label="weighted loss", series=lambda d: f"depth {d}",
+                       title=f"{metrics.get('method', '')} training loss (moving average)", acc_key="acc",
+                       acc_title="held-out top-1 accuracy (vs the target's argmax)")
+
+
+def plot_curves(metrics: dict, path: str, *, loss_label: str, series, title: str, acc_key: str,
+                acc_title: str) -> bool:
+    """Training loss (smoothed, log scale) and its per-series KL on the left, held-out top-1
+    per series on the right; ``series(i)`` names series i (a depth, a window size)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -29,20 +39,20 @@ def plot_metrics(metrics: dict, path: str) -> bool:
     if train:
         steps = [r["step"] for r in train]
         window = max(1, len(train) // 50)
-        left.plot(steps, _smooth([r["loss"] for r in train], window), color="black", label="weighted loss")
+        left.plot(steps, _smooth([r["loss"] for r in train], window), color="black", label=loss_label)
         for d in range(len(train[0]["kl"])):
-            left.plot(steps, _smooth([r["kl"][d] for r in train], window), lw=0.8, label=f"KL depth {d}")
+            left.plot(steps, _smooth([r["kl"][d] for r in train], window), lw=0.8, label=f"KL, {series(d)}")
         left.set_yscale("log")
     left.set_xlabel("step")
-    left.set_title(f"{metrics.get('method', '')} training loss (moving average)")
+    left.set_title(title)
     left.legend(fontsize=7)
     if evals:
         steps = [r["step"] for r in evals]
-        for d in range(len(evals[0]["acc"])):
-            right.plot(steps, [r["acc"][d] for r in evals], marker="o", ms=3, label=f"depth {d}")
+        for d in range(len(evals[0][acc_key])):
+            right.plot(steps, [r[acc_key][d] for r in evals], marker="o", ms=3, label=series(d))
     right.set_xlabel("step")
     right.set_ylim(0, 1)
-    right.set_title("held-out top-1 accuracy (vs the target's argmax)")
+    right.set_title(acc_title)
     right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -34,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from parspec.config import ConfigError, ModelConfig, parse_dtype
+from parspec.config import ConfigError, ModelConfig, parse_dtype, resolve_device
 from parspec.models.drafter import Eagle3Config, Eagle3Drafter, default_aux_layers, load_eagle3, save_eagle3
 from parspec.train.data import (Batch, DrafterData, DraftVocab, build_draft_vocab, capture, pick_mask_token,
                                 vocab_of)
@@ -168,9 +168,7 @@ class TrainConfig:
 
     @property
     def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device)
 
 
 # --- the head's shape ------------------------------------------------------------------------
@@ -225,6 +223,21 @@ def check_head_size(cfg: Eagle3Config, tc: TrainConfig) -> int:
 
 
 # --- the trainer -----------------------------------------------------------------------------
+
+
+def learning_rate(tc, step: int, train_seconds: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio over the progress, which is
+    step / steps, or the share of max_train_seconds spent when that is further along
+    (the schedule then completes within the time budget). ``tc``: a training config with
+    lr, steps, warmup_steps, max_train_seconds and min_lr_ratio."""
+    warmup = tc.warmup_steps if tc.warmup_steps is not None else max(1, tc.steps // 20)
+    if step < warmup:
+        return tc.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, tc.steps - warmup)
+    if tc.max_train_seconds:
+        progress = max(progress, train_seconds / tc.max_train_seconds)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * cosine)
 
 class Trainer:
     def __init__(self, target, target_cfg: ModelConfig, data: DrafterData, tc: TrainConfig, out_dir: str,
@@ -317,18 +330,7 @@ class Trainer:
         return contextlib.nullcontext()
 
     def lr_at(self, step: int, train_seconds: float = 0.0) -> float:
-        """Linear warm-up, then cosine decay to min_lr_ratio over the progress, which is
-        step / steps, or the share of max_train_seconds spent when that is further along
-        (the schedule then completes within the time budget)."""
-        tc = self.tc
-        warmup = tc.warmup_steps if tc.warmup_steps is not None else max(1, tc.steps // 20)
-        if step < warmup:
-            return tc.lr * (step + 1) / warmup
-        progress = (step - warmup) / max(1, tc.steps - warmup)
-        if tc.max_train_seconds:
-            progress = max(progress, train_seconds / tc.max_train_seconds)
-        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * cosine)
+        return learning_rate(self.tc, step, train_seconds)
 
     # --- one batch ----------------------------------------------------------------------
     def batch_loss(self, indices: list[int], step: int | None, bounds=None, backward: bool = True,
