@@ -28,6 +28,9 @@ def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True,
                    help="prefill prompts in chunks beside running decodes (vLLM's default); "
                         "--no-enable-chunked-prefill: whole prompts in prefill-only steps")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--pipeline-parallel-size", type=int, default=1,
+                   help="split the target into this many pipeline stages, one process (GPU) each; with "
+                        '--speculative-config \'{"method":"spd","model":DIR}\' speculative pipeline decoding')
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85,
                    help="fraction of the GPU's memory the engine may use (weights, KV cache, activations)")
     p.add_argument("--seed", type=int, default=None, help=seed_help)
@@ -45,7 +48,8 @@ def engine_kwargs(args) -> dict:
     return dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                 max_num_seqs=args.max_num_seqs, block_size=args.block_size, enforce_eager=args.enforce_eager,
                 max_num_batched_tokens=args.max_num_batched_tokens, enable_chunked_prefill=args.enable_chunked_prefill,
-                gpu_memory_utilization=args.gpu_memory_utilization, batch_invariant=args.batch_invariant)
+                gpu_memory_utilization=args.gpu_memory_utilization, batch_invariant=args.batch_invariant,
+                pipeline_parallel_size=getattr(args, "pipeline_parallel_size", 1))
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -68,7 +72,11 @@ def print_stats(llm, outputs, elapsed: float, file=sys.stdout) -> None:
     n_out = sum(len(o.outputs[0].token_ids) for o in outputs)
     print(f"-- {len(outputs)} request(s), {n_out} tokens in {elapsed:.2f}s: {n_out / elapsed:.1f} tok/s", file=file)
     engine = llm.engine
-    if engine.proposer is not None:
+    if getattr(engine, "times", None) is not None and engine.times.cycles:  # pipelined (parspec.spd)
+        t = engine.times.as_dict()
+        print(f"-- pipeline: {engine.num_stages} stages, {t['cycles']} cycles of {t['cycle_ms']:.2f} ms (slowest "
+              f"stage {t['slowest_stage_ms']:.2f} ms, module {t['module_ms']:.2f} ms)", file=file)
+    if getattr(engine, "proposer", None) is not None or getattr(engine, "spd", False):
         s = engine.stats
         rates = ", ".join(f"{r:.2f}" for r in s.acceptance_rate_per_position)
         print(f"-- speculation ({engine.spec_config.method}, K={engine.spec_config.num_speculative_tokens}): "
@@ -99,7 +107,7 @@ def cmd_generate(args) -> int:
         tok = llm.get_tokenizer()
         prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
     params = sampling_params(args)
-    if llm.engine.proposer is not None:
+    if getattr(llm.engine, "proposer", None) is not None:
         from parspec.engine.timing import StepEvents
 
         llm.engine.step_events = StepEvents(llm.engine.device)  # draft vs verify time, on the device
@@ -116,6 +124,8 @@ def cmd_generate(args) -> int:
                   else out.prompt + out.outputs[0].text)
             print()
     print_stats(llm, outputs, elapsed, file=sys.stderr if args.json else sys.stdout)
+    if hasattr(llm.engine, "shutdown"):  # a pipeline's stage processes
+        llm.engine.shutdown()
     return 0
 
 
@@ -168,6 +178,9 @@ def cmd_serve(args) -> int:
         raise ConfigError(f"--max-request-body must be >= 1 byte, got {args.max_request_body}")
     # vLLM's --seed is the engine's seed (0 unless given), not a per-request one.
     seed = 0 if args.seed is None else args.seed
+    if args.pipeline_parallel_size != 1:
+        raise ConfigError(f"parspec serve runs the target on one device; --pipeline-parallel-size="
+                          f"{args.pipeline_parallel_size} is available in generate and the LLM API")
     cfg = EngineConfig(model=args.model, seed=seed, **engine_kwargs(args))
     app = build_server_app(cfg, args.speculative_config, args.served_model_name, args.max_queue_len,
                            args.max_request_body)

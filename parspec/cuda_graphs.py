@@ -32,10 +32,11 @@ class GraphCache:
     """``run(key)`` calls ``fn(key)``: eagerly when graphs are off, else by replaying the
     graph captured at the key's first call (after one eager warm-up on a side stream)."""
 
-    def __init__(self, fn: Callable[[Hashable], object], enabled: bool, pool=None):
+    def __init__(self, fn: Callable[[Hashable], object], enabled: bool, pool=None, capture_error_mode: str = "global"):
         self.fn = fn
         self.enabled = enabled
         self.pool = pool
+        self.capture_error_mode = capture_error_mode  # "thread_local" lets other threads (NCCL's watchdog) run
         self.graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, object]] = {}
 
     def run(self, key: Hashable):
@@ -55,7 +56,7 @@ class GraphCache:
             self.fn(key)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode=self.capture_error_mode):
             outputs = self.fn(key)
         return graph, outputs
 

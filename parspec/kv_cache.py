@@ -80,3 +80,28 @@ def bind_kv_cache(attention_layers, kv_cache: torch.Tensor) -> None:
         raise ValueError(f"{len(attention_layers)} attention layers but a cache of {kv_cache.shape[0]}")
     for layer, cache in zip(attention_layers, kv_cache):
         layer.k_cache, layer.v_cache = cache[0], cache[1]
+
+
+def num_kv_blocks(cfg, per_block: int, per_seq: int, device: torch.device, max_model_len: int,
+                  reserved_bytes: int = 0) -> int:
+    """KV blocks for an engine (``cfg``: an EngineConfig): ``num_kv_blocks`` if given, else what
+    ``kv_cache_memory_bytes`` holds, else on a GPU what ``gpu_memory_utilization`` leaves free
+    after 1 GiB for activations and ``reserved_bytes`` (weights still to load), at most
+    ``max_num_seqs`` full sequences; 4 GiB on the CPU. ``per_seq``: blocks of one sequence."""
+    if cfg.num_kv_blocks is not None:
+        num = cfg.num_kv_blocks
+    elif cfg.kv_cache_memory_bytes is not None:
+        num = cfg.kv_cache_memory_bytes // per_block
+    elif device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        budget = free - (1 - cfg.gpu_memory_utilization) * total - (1 << 30) - reserved_bytes
+        num = min(int(budget // per_block), per_seq * cfg.max_num_seqs)
+    else:
+        num = min((4 << 30) // per_block, per_seq * cfg.max_num_seqs)
+    if num < per_seq:
+        from parspec.config import ConfigError
+
+        raise ConfigError(f"the KV cache holds {num} blocks of {cfg.block_size} tokens but one sequence of "
+                          f"max_model_len={max_model_len} needs {per_seq}; lower max_model_len "
+                          "or give the cache more memory")
+    return num

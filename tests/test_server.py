@@ -456,7 +456,7 @@ def test_bad_speculative_config_at_start_up_exits_with_one_line():
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert r.returncode == 2
     assert r.stderr.strip() == ("parspec: error: unknown speculative method 'bogus'; "
-                                "choose one of ngram, draft_model, eagle3")
+                                "choose one of ngram, draft_model, eagle3, spd")
 
 
 @pytest.mark.parametrize("args,message", [

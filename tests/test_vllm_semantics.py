@@ -72,9 +72,13 @@ def test_no_op_option_values_are_accepted():
     assert spec(method="ngram", disable_padded_drafter_batch=False).method == "ngram"
 
 
-def test_spd_is_rejected_at_validation():
-    with pytest.raises(ConfigError, match="spd.*not available yet"):
-        spec(method="spd", model="/ckpt/draft")
+def test_spd_config_takes_one_draft_per_cycle():
+    cfg = SpeculativeConfig.from_any({"method": "spd", "model": "/ckpt/spd"})
+    assert (cfg.method, cfg.num_speculative_tokens) == ("spd", 1)
+    with pytest.raises(ConfigError, match="num_speculative_tokens must be 1"):
+        spec(method="spd", model="/ckpt/spd")  # K=3
+    with pytest.raises(ConfigError, match="needs \"model\""):
+        SpeculativeConfig.from_any({"method": "spd"})
 
 
 # --- counters ----------------------------------------------------------------------------

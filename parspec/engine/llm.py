@@ -32,7 +32,12 @@ class LLM:
         unknown = sorted(set(engine_args) - known)
         if unknown:
             raise ConfigError(f"unknown engine argument(s) {unknown}; known: {sorted(known)}")
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_args), speculative_config)
+        cfg = EngineConfig(model=model, **engine_args)
+        if cfg.pipeline_parallel_size > 1:  # stage processes; plain pipelined or SPD decoding
+            from parspec.spd.engine import PipelineEngine
+            self.engine = PipelineEngine(cfg, speculative_config)
+        else:
+            self.engine = LLMEngine(cfg, speculative_config)
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:

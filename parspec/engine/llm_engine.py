@@ -20,7 +20,7 @@ from parspec.engine.timing import StepEvents
 from parspec.sequence import RequestDelta, RequestOutput, Sequence, SpecStats, Status
 from parspec.speculative.proposer import TargetView
 from parspec.step import PrefillChunks, StepOutput
-from parspec.kv_cache import BlockManager, kv_bytes_per_block
+from parspec.kv_cache import BlockManager, kv_bytes_per_block, num_kv_blocks
 from parspec.loader import load_model
 from parspec.sampling import SamplingError, SamplingParams
 from parspec.speculative import build_proposer
@@ -73,6 +73,9 @@ def _fails_cleanly(step):
 class LLMEngine:
     def __init__(self, cfg: EngineConfig, speculative_config=None):
         self.cfg = cfg
+        if cfg.pipeline_parallel_size != 1:  # never silently on one device
+            raise ConfigError(f"LLMEngine runs the target on one device; pipeline_parallel_size="
+                              f"{cfg.pipeline_parallel_size} runs in parspec.spd.engine.PipelineEngine (LLM picks it)")
         if cfg.seed is not None:  # vLLM's engine-wide seed: unseeded sampling repeats run to run
             random.seed(cfg.seed)
             np.random.seed(cfg.seed)
@@ -149,22 +152,7 @@ class LLMEngine:
             per_block += self.proposer.kv_bytes_per_block(cfg.block_size)
         extra = self.proposer.extra_slots if self.proposer else 0
         per_seq = (self.max_model_len + k + extra + cfg.block_size - 1) // cfg.block_size
-        wanted = per_seq * cfg.max_num_seqs
-        if cfg.num_kv_blocks is not None:
-            num = cfg.num_kv_blocks
-        elif cfg.kv_cache_memory_bytes is not None:
-            num = cfg.kv_cache_memory_bytes // per_block
-        elif self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            budget = free - (1 - cfg.gpu_memory_utilization) * total - (1 << 30)  # 1 GiB for activations
-            num = min(int(budget // per_block), wanted)
-        else:
-            num = min((4 << 30) // per_block, wanted)
-        if num < per_seq:
-            raise ConfigError(f"the KV cache holds {num} blocks of {cfg.block_size} tokens but one sequence of "
-                              f"max_model_len={self.max_model_len} needs {per_seq}; lower max_model_len "
-                              "or give the cache more memory")
-        return num
+        return num_kv_blocks(cfg, per_block, per_seq, self.device, self.max_model_len)
 
     # --- requests -----------------------------------------------------------------------
     def add_request(self, prompt, params: SamplingParams, request_id: str | None = None) -> Sequence:

@@ -78,5 +78,13 @@ class LlamaForCausalLM(nn.Module):
         hidden, _ = self.model.norm.add_forward(hidden, residual)
         return hidden, [captured[i] for i in aux_layers]  # in the order asked, repeats allowed
 
+    def forward_layers(self, hidden: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                       meta: AttentionMetadata, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layers ``[start, stop)`` only (one pipeline stage): the (hidden, residual) pair in and
+        out, exactly as forward() passes it between layers (residual None before layer 0)."""
+        for layer in self.model.layers[start:stop]:
+            hidden, residual = layer(positions, hidden, residual, meta)
+        return hidden, residual
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

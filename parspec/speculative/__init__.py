@@ -16,4 +16,7 @@ def build_proposer(spec: SpeculativeConfig, target):
     if spec.method == "eagle3":
         from parspec.speculative.eagle import Eagle3Proposer
         return Eagle3Proposer(spec, target)
+    if spec.method == "spd":
+        raise ConfigError("speculative method 'spd' runs the target as pipeline stages: it needs "
+                          "pipeline_parallel_size >= 2 (got 1)")
     raise ConfigError(f"speculative method {spec.method!r} is not available yet")

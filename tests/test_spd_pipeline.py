@@ -1,0 +1,401 @@
+"""Pipeline-parallel stages and the SPD loop on CPU (gloo, 2 and 3 processes).
+
+Against a single-process reference on a tiny random Llama (fp32): plain pipelined greedy
+output and SPD greedy output equal non-speculative output token for token; after SPD's
+rejections every stage's KV cache equals a fresh recomputation of the final sequence; the
+SPD module sees the right features at the right depths; sampled SPD has the target's
+distribution; bad configurations and a failing worker give clear errors.
+
+The SPD drafters here have the SPD module's forward signature: an *oracle* that proposes
+the target's own greedy token except every k-th call per row (rejections at known places,
+often or rarely), and a small random net (rejected nearly always)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from parspec import LLM, SamplingParams
+from parspec.attention import AttentionMetadata
+from parspec.config import ConfigError, EngineConfig
+from parspec.kv_cache import allocate_kv_cache, bind_kv_cache
+from parspec.loader import load_model
+from parspec.sampling import BatchSampling, SamplingError, probs_from_logits
+from parspec.spd.engine import PipelineEngine
+from parspec.spd.pipeline import PipelineError, free_port
+
+pytestmark = pytest.mark.timeout(120)
+
+COMMON = dict(dtype="float32", skip_tokenizer_init=True, device="cpu", max_model_len=96, max_num_seqs=8,
+              block_size=8)
+PROMPTS = [[1, 5, 9, 33, 2], [7, 7, 2], [100, 3, 4, 5, 6, 8, 10]]
+GREEDY = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
+_live: list[PipelineEngine] = []  # one pipeline per process at a time (torch.distributed is global)
+
+
+def start(model: str, pp: int, **kw) -> PipelineEngine:
+    while _live:
+        _live.pop().shutdown()
+    engine = PipelineEngine(EngineConfig(model=model, pipeline_parallel_size=pp, **{**COMMON, **kw}))
+    _live.append(engine)
+    return engine
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _shutdown_at_end():
+    torch.set_num_threads(1)
+    yield
+    while _live:
+        _live.pop().shutdown()
+
+
+@pytest.fixture(scope="module")
+def target(model_factory):
+    path, _ = model_factory("llama", seed=3, tokenizer=False, num_hidden_layers=3)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(target):
+    """Single-process, non-speculative greedy output of PROMPTS."""
+    llm = LLM(target, **{k: v for k, v in COMMON.items() if k != "block_size"})
+    return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY,
+                                                         use_tqdm=False)]
+
+
+@pytest.fixture(scope="module", params=[2, 3])
+def stages(request):
+    return request.param  # module scope: the tests run grouped by pipeline size
+
+
+@pytest.fixture
+def pipeline(stages, target):
+    """The live pipeline of this size, (re)started if another test replaced it."""
+    if _live and _live[-1].num_stages == stages and _live[-1].cfg.model == target and not _live[-1].procs.closed:
+        return _live[-1]
+    return start(target, stages)
+
+
+# --- a fresh single-process recomputation -------------------------------------------------
+def recompute(model_dir: str, tokens: list[int], bounds: list[int]):
+    """Run ``tokens`` through the whole target in one prefill: the features at every depth
+    ([n+1, L, H]; depth s = the stream entering layer bounds[s]) and each layer's K/V [L, ...]."""
+    model, cfg = load_model(model_dir, torch.float32, torch.device("cpu"))
+    length, bs = len(tokens), 8
+    blocks = -(-length // bs)
+    cache = allocate_kv_cache(cfg.num_hidden_layers, blocks, bs, cfg.num_key_value_heads, cfg.head_dim,
+                              torch.float32, "cpu")
+    bind_kv_cache(model.attention_layers, cache)
+    meta = AttentionMetadata(slot_mapping=torch.arange(length), query_start_loc=torch.tensor([0, length],
+                                                                                            dtype=torch.int32),
+                             seq_lens=torch.tensor([length], dtype=torch.int32),
+                             block_tables=torch.arange(blocks, dtype=torch.int32)[None], max_query_len=length,
+                             max_seq_len=length)
+    positions = torch.arange(length)
+    with torch.inference_mode():
+        hidden, residual = model.embed(torch.tensor(tokens)), None
+        feats = [hidden.clone()]
+        for a, b in zip(bounds, bounds[1:]):
+            hidden, residual = model.forward_layers(hidden, residual, positions, meta, a, b)
+            feats.append(hidden + residual)
+    kv = cache.flatten(2, 3)[:, :, :length]  # [layers, 2, L, Hkv, D]
+    return torch.stack(feats), kv
+
+
+def assert_kv_recomputes(engine: PipelineEngine, model_dir: str, outputs, prompts) -> None:
+    """Every stage's cache, at every position the final sequence has run through all stages
+    (all but its last token), equals a fresh recomputation of that sequence."""
+    caches = torch.cat(engine.stage_kv_caches())  # [layers, 2, blocks, bs, Hkv, D]
+    slots = caches.flatten(2, 3)
+    for out in outputs:
+        tokens = out.prompt_token_ids + out.outputs[0].token_ids
+        _, kv = recompute(model_dir, tokens[:-1], engine.bounds)
+        table = engine.last_block_tables[out.request_id]
+        bs = engine.cfg.block_size
+        idx = torch.tensor([table[p // bs] * bs + p % bs for p in range(len(tokens) - 1)])
+        torch.testing.assert_close(slots[:, :, idx], kv, atol=2e-4, rtol=2e-4)
+
+
+# --- drafters with the SPD module's forward signature -------------------------------------
+class Oracle:
+    """Proposes the reference continuation of the window (found by matching its tokens in the
+    row's reference sequence), and a wrong token on every ``wrong_every``-th call of a row.
+    Where the window's tokens match, it also checks the features against a recomputation."""
+
+    def __init__(self, refs: list[list[int]], prompt_lens: list[int], vocab: int, wrong_every: int,
+                 ref_feats: list[torch.Tensor] | None = None):
+        self.refs, self.prompt_lens, self.vocab, self.wrong_every = refs, prompt_lens, vocab, wrong_every
+        self.ref_feats = ref_feats
+        self.calls = [0] * len(refs)
+        self.checked = 0
+
+    def __call__(self, token_ids: torch.Tensor, depths: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        b, t = token_ids.shape
+        assert depths.shape == (b, t) and feats.shape[:2] == (b, t)
+        logits = torch.full((b, self.vocab), -30.0)
+        for row in range(b):
+            valid = depths[row] >= 0
+            assert valid.flatten().tolist() == sorted(valid.flatten().tolist()), "the window is left-padded"
+            window = token_ids[row][valid].tolist()
+            starts = self._matches(row, window)
+            if starts and self.ref_feats is not None:
+                self._check_features(row, starts, depths[row][valid], feats[row][valid])
+            ref = self.refs[row]
+            nxt = ref[starts[0] + len(window)] if starts and starts[0] + len(window) < len(ref) else 0
+            self.calls[row] += 1
+            if self.calls[row] % self.wrong_every == 0:
+                nxt = (nxt + 1) % self.vocab
+            logits[row, nxt] = 0.0
+        return logits
+
+    def _matches(self, row: int, window: list[int]) -> list[int]:
+        ref, lo = self.refs[row], self.prompt_lens[row] - 1
+        return [j for j in range(lo, len(ref) - len(window) + 1) if ref[j:j + len(window)] == window]
+
+    def _check_features(self, row, starts, depths, feats) -> None:
+        """Slot i holds the token at position start + i at depth depths[i] (0: token only)."""
+        ref = self.ref_feats[row]
+        for j in starts:
+            ok = all(d == 0 or torch.allclose(feats[i], ref[d, j + i], atol=2e-4, rtol=2e-4)
+                     for i, d in enumerate(depths.tolist()))
+            if ok:
+                self.checked += 1
+                return
+        raise AssertionError(f"row {row}: window features match no recomputation (depths {depths.tolist()})")
+
+
+class RandomNet(torch.nn.Module):
+    """A small random drafter over token and features: proposals the target mostly rejects."""
+
+    def __init__(self, vocab: int, hidden: int, t: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.emb = torch.randn(vocab, 16, generator=g)
+        self.proj = torch.randn(hidden, 16, generator=g) / hidden ** 0.5
+        self.depth = torch.randn(t + 1, 16, generator=g)
+        self.out = torch.randn(16, vocab, generator=g)
+
+    def forward(self, token_ids, depths, feats):
+        h = self.emb[token_ids] + feats.float() @ self.proj + self.depth[depths.clamp(min=-1) + 1]
+        h = (h * (depths >= 0)[..., None]).sum(dim=1)
+        return (torch.tanh(h) @ self.out).float()
+
+
+def _inputs(prompts):
+    return [{"prompt_token_ids": p} for p in prompts]
+
+
+# --- bad input (no processes are started) -------------------------------------------------
+def test_bad_pipeline_configs_are_refused_by_name(target, tmp_path):
+    with pytest.raises(ConfigError, match="pipeline_parallel_size=4 must be between 1 and the model's 3 layers"):
+        LLM(target, pipeline_parallel_size=4, **COMMON)
+    with pytest.raises(ConfigError, match="pipeline_parallel_size must be an integer >= 1"):
+        LLM(target, pipeline_parallel_size=0, **COMMON)
+    module = tmp_path / "spd3"
+    module.mkdir()
+    (module / "config.json").write_text(json.dumps({"architectures": ["SPDModule"], "num_stages": 3}))
+    with pytest.raises(ConfigError, match="num_stages=3, but pipeline_parallel_size=2"):
+        LLM(target, pipeline_parallel_size=2, speculative_config={"method": "spd", "model": str(module)}, **COMMON)
+    with pytest.raises(ConfigError, match="needs pipeline_parallel_size >= 2"):
+        LLM(target, speculative_config={"method": "spd", "model": str(module)}, **COMMON)
+    with pytest.raises(ConfigError, match="'spd', not 'ngram'"):
+        LLM(target, pipeline_parallel_size=2, speculative_config={"method": "ngram", "num_speculative_tokens": 2},
+            **COMMON)
+
+
+def test_a_failing_worker_surfaces_in_rank_0(tmp_path, model_factory):
+    """The last stage's checkpoint lacks a tensor: only the worker can notice; rank 0 names it."""
+    src, _ = model_factory("llama", seed=3, tokenizer=False, num_hidden_layers=3)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in os.listdir(src):
+        if name != "model.safetensors":
+            shutil.copy(os.path.join(src, name), bad / name)
+    weights = load_file(os.path.join(src, "model.safetensors"))
+    del weights["model.layers.2.mlp.down_proj.weight"]
+    save_file(weights, str(bad / "model.safetensors"))
+    with pytest.raises(PipelineError, match=r"stage 1 \(pid \d+\): LoadError: .*model\.layers\.2\.mlp\.down_proj"):
+        start(str(bad), 2)
+    _live.clear()
+    import multiprocessing
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("parspec-stage")]
+
+
+# --- greedy: token for token ----------------------------------------------------------------
+def test_plain_pipelined_greedy_matches_single_process(pipeline, target, reference):
+    pipeline.drafter = None
+    outs = pipeline.generate(_inputs(PROMPTS), GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == reference
+    assert all(o.outputs[0].finish_reason == "length" for o in outs)
+    assert pipeline.times.cycles > 0 and len(pipeline.times.stage_s) == pipeline.num_stages
+    one = pipeline.generate(_inputs(PROMPTS[1:2]), GREEDY, use_tqdm=False)  # one micro-batch: bubbles
+    assert one[0].outputs[0].token_ids == reference[1]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_spd_greedy_matches_and_kv_recomputes(pipeline, target, reference, batch):
+    n = pipeline.num_stages
+    prompts, refs = PROMPTS[:batch], reference[:batch]
+    full = [p + r for p, r in zip(prompts, refs)]
+    ref_feats = [recompute(target, seq, pipeline.bounds)[0] for seq in full]
+    vocab = pipeline.model_config.vocab_size
+    drafters = {"rarely rejected": Oracle(full, [len(p) for p in prompts], vocab, 7, ref_feats),
+                "often rejected": Oracle(full, [len(p) for p in prompts], vocab, 2, ref_feats),
+                "random": RandomNet(vocab, pipeline.model_config.hidden_size, n + 1)}
+    rates = {}
+    for name, drafter in drafters.items():
+        pipeline.drafter = drafter
+        pipeline.reset_stats()
+        outs = pipeline.generate(_inputs(prompts), GREEDY, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == refs, name
+        assert_kv_recomputes(pipeline, target, outs, prompts)
+        stats = pipeline.stats
+        rates[name] = stats.num_accepted_tokens / stats.num_draft_tokens
+        assert outs[0].spec_stats["num_drafts"] > 0
+        assert stats.num_draft_tokens - stats.num_accepted_tokens >= 2  # rejections happened
+    assert rates["rarely rejected"] > 0.6 > rates["often rejected"] and rates["random"] < 0.3, rates
+    assert drafters["rarely rejected"].checked > 10 and drafters["often rejected"].checked > 10
+    pipeline.drafter = None
+
+
+def test_unsupported_sampling_is_refused_and_the_pipeline_goes_on(pipeline, reference):
+    pipeline.drafter = None
+    with pytest.raises(SamplingError, match="presence_penalty=0.5"):
+        pipeline.generate(_inputs(PROMPTS[:1]), SamplingParams(presence_penalty=0.5))
+    with pytest.raises(SamplingError, match="n=2"):
+        pipeline.generate(_inputs(PROMPTS[:1]), SamplingParams(n=2))
+    outs = pipeline.generate(_inputs(PROMPTS[:1]), GREEDY, use_tqdm=False)
+    assert outs[0].outputs[0].token_ids == reference[0]
+
+
+# --- sampling: the target's distribution ------------------------------------------------------
+V, N, PROMPT = 6, 6000, [1, 2, 3]
+SAMPLED = SamplingParams(temperature=0.9, top_k=5, max_tokens=3, ignore_eos=True)
+# E[TV] <= 0.5 sqrt(outcomes / N); McDiarmid adds sqrt(ln(1e6) / 2N) at probability 1e-6
+BOUND = 0.5 * math.sqrt(V ** 3 / N) + math.sqrt(math.log(1e6) / (2 * N))
+
+
+def exact_joint(hf) -> torch.Tensor:
+    sampling = BatchSampling.from_params([SAMPLED], "cpu")
+    joint = torch.zeros(V, V, V, dtype=torch.float64)
+    with torch.no_grad():
+        for t1, t2 in itertools.product(range(V), range(V)):
+            logits = hf(torch.tensor([PROMPT + [t1, t2]])).logits[0, -3:].float()
+            p = probs_from_logits(logits[None], sampling)[0].double()
+            joint[t1, t2] = p[0, t1] * p[1, t2] * p[2]
+    return joint.flatten()
+
+
+def test_sampled_spd_has_the_target_distribution(model_factory):
+    path, hf = model_factory("llama", seed=5, vocab_size=V, tokenizer=False, hidden_size=32, intermediate_size=48,
+                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    engine = start(path, 2, max_num_seqs=N, max_model_len=16)
+    engine.drafter = RandomNet(V, 32, 3, seed=1)
+    outs = engine.generate(_inputs([PROMPT] * N), SAMPLED, use_tqdm=False)
+    counts = torch.zeros(V ** 3, dtype=torch.float64)
+    for o in outs:
+        a, b, c = o.outputs[0].token_ids
+        counts[a * V * V + b * V + c] += 1
+    exact = exact_joint(hf)
+    stats = engine.stats
+    assert 0.05 < stats.num_accepted_tokens / stats.num_draft_tokens < 0.95  # both paths ran
+    assert 0.5 * (counts / N - exact).abs().sum().item() < BOUND
+    seeded = SamplingParams(temperature=0.9, max_tokens=5, ignore_eos=True, seed=11)
+    again = [engine.generate(_inputs([PROMPT]), seeded, use_tqdm=False)[0].outputs[0].token_ids for _ in range(2)]
+    assert again[0] == again[1]  # a seeded request repeats
+
+
+# --- the SPD module through the public API ----------------------------------------------------
+def test_llm_api_with_an_spd_module(target, reference, tmp_path):
+    """LLM(pipeline_parallel_size=2, speculative_config={"method": "spd", ...}) with a randomly
+    initialised SPDModule: lossless whatever it drafts."""
+    from parspec.config import ModelConfig
+    from parspec.spd.module import SPDModule, SPDModuleConfig
+
+    cfg = ModelConfig.from_pretrained(target)
+    torch.manual_seed(0)
+    module_dir = str(tmp_path / "spd-2")
+    SPDModule(SPDModuleConfig.for_target(cfg.num_hidden_layers, 2, cfg.hidden_size, cfg.vocab_size, hidden_size=32,
+                                         intermediate_size=64)).save_pretrained(module_dir)
+    while _live:
+        _live.pop().shutdown()
+    llm = LLM(target, pipeline_parallel_size=2, speculative_config={"method": "spd", "model": module_dir}, **COMMON)
+    _live.append(llm.engine)
+    outs = llm.generate(_inputs(PROMPTS), GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == reference
+    assert outs[0].spec_stats["num_drafts"] > 0
+    assert [m.name for m in llm.get_metrics()][0] == "vllm:spec_decode_num_drafts"
+    _live.pop().shutdown()
+
+
+def test_cli_generate_pipelined(model_factory, capsys):
+    from parspec.cli import main
+
+    while _live:
+        _live.pop().shutdown()
+    path, _ = model_factory("llama", seed=3, num_hidden_layers=3)  # with a tokenizer
+    args = ["generate", "--model", path, "--prompt", "def add(a, b):\n", "--max-tokens", "6", "--ignore-eos",
+            "--device", "cpu", "--dtype", "float32", "--max-model-len", "64", "--max-num-seqs", "2", "--json"]
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(args + ["--pipeline-parallel-size", "2"]) == 0
+    captured = capsys.readouterr()
+    piped = json.loads(captured.out.strip().splitlines()[-1])
+    assert piped["token_ids"] == plain["token_ids"] and piped["text"] == plain["text"]
+    assert "pipeline: 2 stages" in captured.err
+
+
+def test_torchrun_starts_the_stages(target, reference, tmp_path):
+    """Under torchrun every rank builds the same LLM: rank 1 serves its stage, rank 0 generates."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import json, torch\n"
+        "torch.set_num_threads(1)\n"
+        "from parspec import LLM, SamplingParams\n"
+        f"llm = LLM({target!r}, pipeline_parallel_size=2, **{COMMON!r})\n"
+        f"outs = llm.generate([{{'prompt_token_ids': {PROMPTS[0]!r}}}], SamplingParams(temperature=0, max_tokens=14, "
+        "ignore_eos=True), use_tqdm=False)\n"
+        "print('TOKENS', json.dumps(outs[0].outputs[0].token_ids), flush=True)\n"
+        "llm.engine.shutdown()\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(free_port()), str(script)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=100, env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("TOKENS"))
+    assert json.loads(line.split(" ", 1)[1]) == reference[0]
+
+
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "reference")
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(FIXTURES, "spd-2", "config.json")),
+                    reason="no trained SPD module in fixtures/reference/spd-2")
+def test_trained_spd_module_from_fixtures():
+    """The committed module for 2 stages drives the reference target: lossless, and it drafts
+    well enough to be accepted more often than a random one."""
+    while _live:
+        _live.pop().shutdown()
+    target = os.path.join(FIXTURES, "target")
+    kw = dict(dtype="float32", device="cpu", max_model_len=128, max_num_seqs=2)
+    prompts = ["def fibonacci(n):\n", "import os\n\ndef list_files(path):\n"]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    plain = [o.outputs[0].token_ids for o in LLM(target, **kw).generate(prompts, params, use_tqdm=False)]
+    llm = LLM(target, pipeline_parallel_size=2, speculative_config={"method": "spd",
+                                                                   "model": os.path.join(FIXTURES, "spd-2")}, **kw)
+    _live.append(llm.engine)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == plain
+    assert llm.engine.stats.acceptance_rate > 0.1, llm.engine.stats.as_dict()
