@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 
 import pytest
@@ -451,3 +452,24 @@ def test_head_shape_options_and_warm_start(tiny, tmp_path):
         make_trainer(tiny, "p-eagle", tmp_path / "c", init_from=saved, **{**shape, "num_layers": 1})
     with pytest.raises(ConfigError, match="multiple of num_kv_heads"):
         TrainConfig(num_heads=3, num_kv_heads=2)
+
+
+def test_peagle_warm_starts_from_an_eagle3_head_of_its_shape(tiny, tmp_path):
+    """Issue 17's warm start: a P-EAGLE head of the EAGLE-3 head's shape begins with every one
+    of its weights but the mask slot's hidden state, and trains on from there."""
+    shape = dict(num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, intermediate_size=16)
+    seq = make_trainer(tiny, "eagle3", tmp_path / "a", steps=3, mask_token_id=None, **shape)
+    for _ in range(3):
+        seq.train_step()
+    saved = seq.save_head(str(tmp_path / "eagle3"))
+    par = make_trainer(tiny, "p-eagle", tmp_path / "b", init_from=saved, seed=5, **shape)
+    assert par.cfg.parallel_drafting and par.cfg.mask_token_id == 1
+    theirs = dict(seq.drafter.named_parameters())
+    shared = [n for n, _ in par.drafter.named_parameters() if n in theirs and not n.startswith("embed_tokens.")]
+    assert "fc.weight" in shared and any(n.startswith("layers.0.") for n in shared)
+    for name in shared:
+        assert torch.equal(dict(par.drafter.named_parameters())[name], theirs[name]), name
+    assert "mask_hidden" not in theirs and par.drafter.mask_hidden.abs().sum() > 0
+    assert math.isfinite(par.train_step()["loss"])
+    with pytest.raises(ConfigError, match="intermediate_size"):  # other differences still refused
+        make_trainer(tiny, "p-eagle", tmp_path / "c", init_from=saved, **{**shape, "intermediate_size": 32})

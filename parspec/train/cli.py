@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: the target's)")
     p.add_argument("--num-kv-heads", type=int, default=None, help="KV heads (default: the target's)")
     p.add_argument("--head-dim", type=int, default=None, help="default: the target's")
-    p.add_argument("--init-from", default=None, help="warm start from a saved head of the same shape")
+    p.add_argument("--init-from", default=None, help="warm start from a saved head of the same shape "
+                   "(p-eagle: also an EAGLE-3 head; only the mask slot starts fresh)")
     p.add_argument("--aux-layers", default=None, help="target layers whose inputs feed the head, e.g. 1,2,4")
     p.add_argument("--mask-token-id", type=int, default=None,
                    help="P-EAGLE's mask token (default: a spare special token such as <|pad|>)")

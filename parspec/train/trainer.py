@@ -299,10 +299,17 @@ class Trainer:
             self.drafter.lm_head.weight.copy_(target.lm_head.weight[ids].float())
             self.drafter.norm.weight.copy_(target.model.norm.weight.float())
 
+    # What an EAGLE-3 head lacks to be a P-EAGLE head of its shape: a P-EAGLE run may start from it.
+    PARALLEL_KEYS = ("parallel_drafting", "mask_token_id", "ptd_token_id")
+
     def _init_from_head(self, head: Eagle3Drafter, path: str) -> None:
-        """Warm start from a saved head of the same shape (its draft vocabulary already adopted)."""
+        """Warm start from a saved head of the same shape (its draft vocabulary already adopted).
+        A P-EAGLE run may start from an EAGLE-3 head: every shared weight is copied and only the
+        mask slot's hidden state (``mask_hidden``) starts fresh, from the mean target feature."""
         mine, theirs = self.cfg.to_dict(), head.config.to_dict()
-        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        from_sequential = self.cfg.parallel_drafting and not head.config.parallel_drafting
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)
+                      and not (from_sequential and k in self.PARALLEL_KEYS))
         if diff:
             raise ConfigError(f"cannot warm-start from {path}: its head differs in {', '.join(diff)}")
         state = {n: t for n, t in head.state_dict().items() if not n.startswith("embed_tokens.")}
