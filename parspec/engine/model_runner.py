@@ -1,8 +1,9 @@
 """Runs the target: ONE forward over every sequence's new tokens, then verification, on device.
 
 Decode / verify steps (``Q = K + 1`` tokens per sequence, or k + 1 for a step that verifies
-only k <= K drafts: adaptive speculation) run over static buffers padded to a batch-size bucket: the host writes each sequence's last token, base position and
-block table into page-locked memory, one asynchronous copy moves them, and the device
+only k <= K drafts: adaptive speculation) run over static buffers padded to a batch-size
+bucket: the host writes each sequence's last token, base position and block table into
+page-locked memory, one asynchronous copy moves them, and the device
 builds positions and slot mapping itself (``decode_metadata``). The forward from those
 buffers to the logits is one CUDA graph per (bucket, depth) (``GraphCache``); with graphs off the
 same function runs eagerly over the same shapes, so the output is identical. Padding
@@ -110,7 +111,8 @@ class ModelRunner:
         self.input_ids[:rows, 0].copy_(self.inputs[0, :rows])
         if proposal is not None:
             self.input_ids[:b, 1:].copy_(proposal.draft_tokens[:b])
-            self.num_drafts[:b].copy_(proposal.num_drafts[:b] if q == self.q else proposal.num_drafts[:b].clamp(max=q - 1))
+            drafted = proposal.num_drafts[:b]
+            self.num_drafts[:b].copy_(drafted if q == self.q else drafted.clamp(max=q - 1))
             self.num_drafts[b:rows].zero_()
         return rows
 
