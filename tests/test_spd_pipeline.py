@@ -399,3 +399,25 @@ def test_trained_spd_module_from_fixtures():
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == plain
     assert llm.engine.stats.acceptance_rate > 0.1, llm.engine.stats.as_dict()
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(FIXTURES, "spd-4", "config.json")),
+                    reason="no trained SPD module in fixtures/reference/spd-4")
+def test_four_stages_plain_and_spd_match_single_process():
+    """Four gloo processes (the 4-GPU issue's split on the CPU), fewer micro-batches than
+    stages: plain pipelining and SPD with the committed 4-stage module give the one-process
+    tokens. With 4+ ranks gloo relays a command's broadcast through workers; a worker that
+    waited on its last sends before reading the command's payload hung the pipeline."""
+    while _live:
+        _live.pop().shutdown()
+    target = os.path.join(FIXTURES, "target")
+    kw = dict(dtype="float32", device="cpu", max_model_len=128, max_num_seqs=2)
+    prompts = ["def fibonacci(n):\n", "import os\n\ndef list_files(path):\n"]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    plain = [o.outputs[0].token_ids for o in LLM(target, **kw).generate(prompts, params, use_tqdm=False)]
+    for spec in (None, {"method": "spd", "model": os.path.join(FIXTURES, "spd-4")}):
+        llm = LLM(target, pipeline_parallel_size=4, speculative_config=spec, **kw)
+        _live.append(llm.engine)
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == plain
+        llm.engine.shutdown()
+        _live.remove(llm.engine)

@@ -18,17 +18,22 @@ command, over a small CPU (gloo) control group:
 
 Activations move with non-blocking point-to-point ops (NCCL on GPUs, gloo on CPU) in
 fixed shapes. A row whose position is -1 writes no KV (padding, finished sequences).
-Workers started by parspec (torch.multiprocessing spawn) report an exception to rank 0
-through a queue; rank 0 polls for that (and for dead processes) whenever it waits, so a
+Workers started by parspec (fresh interpreters, ``python -m parspec.spd.pipeline``, so the
+user's script is never re-imported) report an exception to rank 0 through a file; rank 0
+polls for that (and for dead processes) whenever it waits, so a
 worker's failure surfaces in the caller as a PipelineError instead of a hang. Under
 torchrun (env RANK / WORLD_SIZE) every rank runs the user's script and ranks > 0 serve
 their stage when they build the LLM."""
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 import traceback
 
@@ -242,7 +247,9 @@ class Channel:
 
     def __init__(self, rank: int, world: int, device: torch.device, watch=None):
         self.rank, self.world, self.device = rank, world, device
-        self.ctrl = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
+        # A group of its own even on the CPU: with 4+ ranks gloo relays a broadcast through
+        # other ranks, and on the activations' group a relay could wait behind a stage's recv.
+        self.ctrl = dist.new_group(backend="gloo")
         self.watch = watch or (lambda after_failure=False: None)  # rank 0: raises if a worker failed
 
     def wait(self, work, host: bool = True) -> None:
@@ -336,7 +343,6 @@ class Worker:
             cmd = header[0]
             if cmd == STOP:
                 break
-            self._flush()
             if cmd == INIT:
                 self._init(header)
             elif cmd == PHASE:
@@ -385,6 +391,11 @@ class Worker:
         """Receive the pair from the stage before, run this stage (a prefill's ragged metadata,
         or ``cycle``: a micro-batch and its rows' positions), send the pair on."""
         rank, world = self.ch.rank, self.ch.world
+        # The last step's sends complete here, after this command's payload arrived: a rank
+        # that waited on them before reading the payload could hold up the payload's broadcast
+        # (gloo relays it through other ranks when there are 4 or more), whose receivers are
+        # the ranks those sends wait for.
+        self._flush()
         buf, work = self.ch.recv((rows, 2, self.hidden), self.stage.dtype, rank - 1)
         work.wait()
         timer = self._start_timer()
@@ -444,6 +455,35 @@ def serve_stage(rank: int, world: int, model_dir: str, device_type: str, port: i
         os._exit(1)  # the process group may be half-open: do not run its destructors
 
 
+class ErrorFile:
+    """Where a worker started by parspec reports why it failed (rank 0 reads it)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def put(self, message: str) -> None:
+        with open(self.path, "w", encoding="utf-8") as f:
+            f.write(message)
+
+    def get(self) -> str | None:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                return f.read() or None
+        except FileNotFoundError:
+            return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m parspec.spd.pipeline RANK WORLD MODEL_DIR DEVICE_TYPE PORT ERROR_FILE``: a
+    stage worker started by parspec. A fresh interpreter rather than a multiprocessing child,
+    so the user's script is never re-imported (it needs no ``if __name__ == "__main__"``)."""
+    rank, world, model_dir, device_type, port, error_file = argv if argv is not None else sys.argv[1:]
+    if os.environ.get("PARSPEC_DEBUG_HANG"):
+        import faulthandler
+        faulthandler.dump_traceback_later(float(os.environ["PARSPEC_DEBUG_HANG"]), exit=True)
+    serve_stage(int(rank), int(world), model_dir, device_type, int(port), ErrorFile(error_file))
+
+
 def _torchrun_device(device_type: str) -> torch.device:
     if device_type == "cuda":
         return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', os.environ['RANK']))}")
@@ -474,15 +514,14 @@ class StageProcesses:
             if dist.is_initialized():
                 raise PipelineError("torch.distributed is already initialised in this process (another pipelined "
                                     "LLM still running?): shut it down first (llm.engine.shutdown())")
-            import torch.multiprocessing as mp
-            ctx = mp.get_context("spawn")
-            self.errors = ctx.SimpleQueue()
             port = free_port()
+            self.error_dir = tempfile.mkdtemp(prefix="parspec-stages-")
+            self.errors = [ErrorFile(os.path.join(self.error_dir, f"stage-{rank}.err")) for rank in range(1, world)]
             for rank in range(1, world):
-                p = ctx.Process(target=serve_stage, args=(rank, world, model_dir, device.type, port, self.errors),
-                                daemon=True, name=f"parspec-stage-{rank}")
-                p.start()
-                self.procs.append(p)
+                cmd = [sys.executable, "-m", "parspec.spd.pipeline", str(rank), str(world), model_dir, device.type,
+                       str(port), self.errors[rank - 1].path]
+                self.procs.append(subprocess.Popen(cmd, env=dict(os.environ)))
+            atexit.register(self.kill_quietly)  # never leave workers behind the caller
             self._init_watched(port)
         self.channel = Channel(0, world, device, watch=self.check)
 
@@ -522,26 +561,38 @@ class StageProcesses:
             self.kill()
             raise PipelineError(message)
 
+    def _reported(self) -> str | None:
+        for errors in self.errors or ():
+            message = errors.get()
+            if message is not None:
+                return f"a pipeline stage failed in its worker process: {message}"
+        return None
+
     def _worker_failure(self) -> str | None:
-        if self.errors is not None and not self.errors.empty():
-            return f"a pipeline stage failed in its worker process: {self.errors.get()}"
-        dead = [(i + 1, p.exitcode) for i, p in enumerate(self.procs) if p.exitcode is not None]
+        message = self._reported()
+        if message is not None:
+            return message
+        dead = [(i + 1, p.poll()) for i, p in enumerate(self.procs) if p.poll() is not None]
         if dead and not self.closed:
-            time.sleep(0.2)  # let its traceback reach the queue
-            if self.errors is not None and not self.errors.empty():
-                return f"a pipeline stage failed in its worker process: {self.errors.get()}"
-            return f"pipeline stage {dead[0][0]} exited with code {dead[0][1]}"
+            time.sleep(0.2)  # let its report reach the file
+            return self._reported() or f"pipeline stage {dead[0][0]} exited with code {dead[0][1]}"
         return None
 
     def kill(self) -> None:
         """After a failure: end our own worker processes (by their handles) and leave the group."""
         for p in self.procs:
-            if p.is_alive():
+            if p.poll() is None:
                 p.terminate()
         for p in self.procs:
-            p.join(5)
+            _wait(p, 5)
         self.closed = True
         _leave_group()
+
+    def kill_quietly(self) -> None:
+        """At interpreter exit: workers still running are ended (a clean shutdown() already joined them)."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
 
     def shutdown(self) -> None:
         if self.closed:
@@ -552,11 +603,19 @@ class StageProcesses:
         except Exception:  # noqa: BLE001 - the workers are ended below either way
             pass
         for p in self.procs:
-            p.join(30)
-            if p.is_alive():
+            if not _wait(p, 30):
                 p.terminate()
-                p.join(5)
+                _wait(p, 5)
         _leave_group()
+
+
+def _wait(proc: subprocess.Popen, seconds: float) -> bool:
+    """Whether ``proc`` ended within ``seconds``."""
+    try:
+        proc.wait(seconds)
+        return True
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def _leave_group() -> None:
@@ -565,3 +624,7 @@ def _leave_group() -> None:
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - a half-open group after a failure
             pass
+
+
+if __name__ == "__main__":
+    main()
