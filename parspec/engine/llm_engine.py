@@ -250,7 +250,6 @@ class LLMEngine:
         mark("drafted")
         if proposal is not None:
             self.drafter_passes += proposal.drafter_passes
-            self.draft_steps += 1
             self.depth_steps[depth] += 1
         out, prefilled = self.runner.step(seqs, proposal, previous, chunks, depth)  # one target forward + verification
         mark("verified")
@@ -455,8 +454,12 @@ class LLMEngine:
         drafter_passes counts drafter forwards (K per step sequentially, 1 with parallel drafting)."""
         self.stats = SpecStats()
         self.drafter_passes = 0
-        self.draft_steps = 0  # engine steps that drafted (one per batch, not per sequence)
-        self.depth_steps = [0] * (self.k + 1)  # those steps by the depth they verified (K unless "auto")
+        self.depth_steps = [0] * (self.k + 1)  # steps that drafted, by the depth they verified (K unless "auto")
+
+    @property
+    def draft_steps(self) -> int:
+        """Engine steps that drafted (one per batch, not per sequence)."""
+        return sum(self.depth_steps)
 
     @property
     def drafter_passes_per_step(self) -> float:
