@@ -37,12 +37,14 @@ from dataclasses import dataclass, field
 import torch
 
 from parspec.config import ConfigError, EngineConfig, ModelConfig, SpeculativeConfig, parse_dtype, read_json
+from parspec.cuda_graphs import GraphCache
 from parspec.kv_cache import BlockManager, OutOfBlocks, kv_bytes_per_block, num_kv_blocks
 from parspec.sampling import BatchSampling, SamplingError, SamplingParams, probs_from_logits
 from parspec.sequence import RequestOutput, Sequence, SpecStats, Status
 from parspec.spd.partition import stage_bounds
-from parspec.spd.pipeline import (CYCLE, DTYPES, INIT, KV, PHASE, TIMES, PipelineError, Stage, StageProcesses,
-                                  launched_by_torchrun, prefill_payload, serve_stage, unpack_prefill)
+from parspec.spd.pipeline import (CYCLE, DTYPES, HEADER, INIT, KV, PHASE, TIMES, PipelineError, Stage, StageProcesses,
+                                  cycle_command_size, launched_by_torchrun, prefill_payload, serve_stage,
+                                  unpack_prefill)
 from parspec.speculative.verify import draw_verification_noise, verify_greedy, verify_rejection
 from parspec.transfer import to_device
 
@@ -86,19 +88,24 @@ class _Row:
 @dataclass
 class PipelineTimes:
     """Per-cycle breakdown summed over a run (seconds): rank 0's stage 0, the module, every
-    stage's compute, and the wall time of the cycles; transfer ~ cycle - slowest stage."""
+    stage's compute and the cycles it was active in (a stage idles in some cycles of plain
+    pipelining at low concurrency: its time is per active cycle), and the wall time of the
+    cycles; transfer + host ~ cycle - slowest stage."""
 
     cycles: int = 0
     cycle_s: float = 0.0
     module_s: float = 0.0
     stage_s: list[float] = field(default_factory=list)
+    stage_cycles: list[int] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        per = (lambda x: 1e3 * x / self.cycles) if self.cycles else (lambda x: 0.0)
-        slowest = max(self.stage_s, default=0.0)
-        return {"cycles": self.cycles, "cycle_ms": per(self.cycle_s), "module_ms": per(self.module_s),
-                "stage_ms": [per(s) for s in self.stage_s], "slowest_stage_ms": per(slowest),
-                "transfer_and_host_ms": per(max(self.cycle_s - slowest, 0.0))}
+        per = (lambda x, k=self.cycles: 1e3 * x / k if k else 0.0)
+        stage = [per(s, k) for s, k in zip(self.stage_s, self.stage_cycles)]
+        slowest = max(stage, default=0.0)
+        cycle = per(self.cycle_s)
+        return {"cycles": self.cycles, "cycle_ms": cycle, "module_ms": per(self.module_s),
+                "stage_ms": stage, "stage_active_cycles": list(self.stage_cycles), "slowest_stage_ms": slowest,
+                "transfer_and_host_ms": max(cycle - slowest, 0.0)}
 
 
 class PipelineEngine:
@@ -174,6 +181,20 @@ class PipelineEngine:
             self.drafter = SPDModule.from_pretrained(self.spec_config.model, model.model.embed_tokens,
                                                      model.model.norm, model.lm_head, self.device, self.dtype)
         self.module_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.use_graphs = use_graphs
+        self.module_graphs: GraphCache | None = None
+
+    def _module_buffers(self) -> None:
+        """Static window buffers and graphs of the module (again if the drafter was replaced)."""
+        if self.module_graphs is not None and self._graphed_drafter is self.drafter:
+            return
+        n, rows, hidden = self.num_stages, self.cfg.max_num_seqs, self.model_config.hidden_size
+        self.module_window = torch.zeros(3, rows, n + 1, dtype=torch.int64, device=self.device)
+        self.module_sources = torch.zeros(n + 1, rows, hidden, dtype=self.dtype, device=self.device)
+        # its own memory pool: the module's graph replays beside stage 0's, on another stream
+        self.module_graphs = GraphCache(self._module_forward, enabled=self.use_graphs,
+                                        capture_error_mode="thread_local")
+        self._graphed_drafter = self.drafter
 
     def _num_kv_blocks(self) -> int:
         cfg, mc, n = self.cfg, self.model_config, self.num_stages
@@ -287,6 +308,7 @@ class PipelineEngine:
         for r in rows:
             tables[r.micro_batch, r.index, :len(r.seq.block_table)] = torch.tensor(r.seq.block_table)
         self.channel.command([PHASE, self.num_mb, self.rows_per_mb, width], tables.flatten())
+        self.channel.set_command_size(cycle_command_size(self.num_stages, self.rows_per_mb))
         self.stage.tables = tables.to(torch.int32).to(self.device)
         params = [r.seq.params for r in rows]
         self.sampling = BatchSampling.from_params(params, self.device)
@@ -297,6 +319,8 @@ class PipelineEngine:
         self.q_ring = None if self.sampling.all_greedy or not self.spd else torch.zeros(
             ring, len(rows), vocab, dtype=torch.float32, device=self.device)
         self.drafts = None  # [B] device: the module's drafts for the next cycle
+        if self.spd:
+            self._module_buffers()
         self.drafts_host: list[int] | None = None  # the same, read with the cycle's one host read
 
     def _prefill(self, rows: list[_Row]) -> None:
@@ -353,13 +377,10 @@ class PipelineEngine:
             now = [entry] + held[:-1]
             if all(s is None for s in now):
                 break
-            plan = torch.full((n, 2 + self.rows_per_mb), -1, dtype=torch.int64)
-            for i, s in enumerate(now):
-                plan[i, 0] = int(s is not None)
-                if s is not None:
-                    plan[i, 1] = s.micro_batch
-                    plan[i, 2:] = torch.tensor(s.positions)
-            self.channel.command([CYCLE, self.rows_per_mb, int(self.spd)], plan.flatten())
+            command = [CYCLE, self.rows_per_mb, int(self.spd)] + [0] * (HEADER - 3)
+            for s in now:
+                command += [0, -1] + [-1] * self.rows_per_mb if s is None else [1, s.micro_batch] + s.positions
+            self._pending.append(self.channel.command(command, wait=False))
             inputs_ready = self._mark()  # the window's inputs are queued; stage 0 first, the module beside it
             window_inputs = features, self.exit_feat
             if entry is not None:
@@ -505,10 +526,9 @@ class PipelineEngine:
         GPU, which waits only for ``ready``: the window's inputs, not stage 0's work)."""
         n, b = self.num_stages, len(rows)
         t = n + 1
-        hidden = self.model_config.hidden_size
-        depths = torch.full((b, t), -1, dtype=torch.int64)
-        ids = torch.zeros(b, t, dtype=torch.int64)
-        src = torch.zeros(b, t, dtype=torch.int64)  # 0: no feature; k in 1..n-1: stage k-1's output; n: exit
+        window = torch.zeros(3, b, t, dtype=torch.int64)  # token ids, depths, feature sources
+        ids, depths, src = window  # src 0: no feature; k in 1..n-1: stage k-1's output; n: the exit
+        depths.fill_(-1)
         for r in rows:
             inflight = list(r.inflight)
             d = len(inflight)
@@ -528,15 +548,26 @@ class PipelineEngine:
         ctx = torch.cuda.stream(stream) if stream is not None else _nullcontext()
         with ctx:
             start = self._timer_start(stream)
-            zeros = exit_feat.new_zeros(b, hidden)
-            sources = [zeros] + [zeros if f is None else f.sum(dim=1) for f in features[:n - 1]] + [exit_feat]
-            src_d = to_device(src, torch.int64, self.device)
-            stacked = torch.stack(sources)  # [n+1, B, H]
-            feats = stacked[src_d, torch.arange(b, device=self.device)[:, None]]  # [B, T, H]
-            logits = self.drafter(to_device(ids, torch.int64, self.device),
-                                  to_device(depths, torch.int64, self.device), feats)
+            host = window.pin_memory() if stream is not None else window
+            self.module_window[:, :b].copy_(host, non_blocking=True)
+            for k, f in enumerate(features[:n - 1] + [exit_feat], start=1):
+                slot = self.module_sources[k, :b]
+                if f is None:
+                    slot.zero_()
+                elif f.dim() == 3:  # a stage's (hidden, residual) pair: the residual stream
+                    torch.sum(f, dim=1, out=slot)
+                else:
+                    slot.copy_(f)
+            logits = self.module_graphs.run(b)
             self.drafts = self._sample_drafts(c + 1, logits)
             self._timer_stop("module", start, stream)
+
+    def _module_forward(self, b: int) -> torch.Tensor:
+        """The module over the static window buffers (captured as a CUDA graph per row count on
+        a GPU, with graphs on): features gathered per slot from their sources, then logits."""
+        ids, depths, src = self.module_window[:, :b]
+        rows = torch.arange(b, device=self.device)[:, None]
+        return self.drafter(ids, depths, self.module_sources[src, rows])
 
     def _sample_drafts(self, enters: int, logits: torch.Tensor) -> torch.Tensor:
         """Greedy rows: the argmax. Sampled rows: a draw from q (the request's processed draft
@@ -652,14 +683,17 @@ class PipelineEngine:
     def _collect_times(self) -> None:
         """Stage 0 and module timings, and each worker's compute time (one TIMES command)."""
         self._flush()
-        n = self.num_stages
-        if len(self.times.stage_s) < n:
-            self.times.stage_s = [0.0] * n
-        self.times.stage_s[0] += self._timer_total("stage0")
-        self.times.module_s += self._timer_total("module")
+        n, times = self.num_stages, self.times
+        if len(times.stage_s) < n:
+            times.stage_s, times.stage_cycles = [0.0] * n, [0] * n
+        times.stage_cycles[0] += len(self._timers["stage0"])
+        times.stage_s[0] += self._timer_total("stage0")
+        times.module_s += self._timer_total("module")
         self.channel.command([TIMES])
         for rank in range(1, n):
-            self.times.stage_s[rank] += float(self.channel.small_from(2, rank)[0])
+            compute_s, active = self.channel.small_from(2, rank).tolist()
+            times.stage_s[rank] += compute_s
+            times.stage_cycles[rank] += int(active)
 
     def stage_kv_caches(self) -> list[torch.Tensor]:
         """Every stage's KV cache (``[layers of the stage, 2, blocks, block_size, kv heads, D]``),

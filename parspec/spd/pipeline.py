@@ -208,6 +208,11 @@ def cycle_metadata(positions: torch.Tensor, tables: torch.Tensor, block_size: in
     return pos, meta
 
 
+def cycle_command_size(world: int, rows_per_mb: int) -> int:
+    """Int64s of a CYCLE command: the header, then per stage [active, micro-batch, positions]."""
+    return HEADER + world * (2 + rows_per_mb)
+
+
 def prefill_payload(positions: list[int], slots: list[int], cu: list[int], seq_lens: list[int],
                     tables: list[list[int]]) -> tuple[list[int], torch.Tensor]:
     """Header and int64 payload of a PREFILL command (ragged metadata, built on the host)."""
@@ -264,15 +269,29 @@ class Channel:
             raise PipelineError(f"pipeline communication failed: {e}") from e
 
     # --- commands (rank 0 -> all) ------------------------------------------------------
-    def command(self, header: list[int], payload: torch.Tensor | None = None) -> None:
-        head = torch.zeros(HEADER, dtype=torch.int64)
+    # A command is one broadcast of ``size`` int64s: the header, and within a phase of cycles
+    # the cycle's plan behind it (``set_command_size`` at PHASE, on every rank alike), so a
+    # cycle costs one control message. Rank 0 does not wait for it on the host: its Work is
+    # returned and completes with the cycle's sends (``wait`` at the next flush).
+    size: int = HEADER
+
+    def set_command_size(self, size: int) -> None:
+        self.size = max(HEADER, size)
+
+    def command(self, header: list[int], payload: torch.Tensor | None = None, wait: bool = True):
+        head = torch.zeros(self.size, dtype=torch.int64)
         head[:len(header)] = torch.tensor(header, dtype=torch.int64)
-        self.wait(dist.broadcast(head, src=0, group=self.ctrl, async_op=True))
+        work = dist.broadcast(head, src=0, group=self.ctrl, async_op=True)
         if payload is not None:
-            self.wait(dist.broadcast(payload.contiguous(), src=0, group=self.ctrl, async_op=True))
+            self.wait(work)
+            work = dist.broadcast(payload.contiguous(), src=0, group=self.ctrl, async_op=True)
+        if wait:
+            self.wait(work)
+            return None
+        return work
 
     def receive_command(self) -> list[int]:
-        head = torch.zeros(HEADER, dtype=torch.int64)
+        head = torch.zeros(self.size, dtype=torch.int64)
         dist.broadcast(head, src=0, group=self.ctrl)
         return head.tolist()
 
@@ -349,6 +368,7 @@ class Worker:
                 _, m, bm, width = header[:4]
                 tables = self.ch.receive_payload(m * bm * width).view(m, bm, width)
                 self.stage.tables = tables.to(torch.int32).to(self.stage.device)
+                self.ch.set_command_size(cycle_command_size(self.ch.world, bm))
             elif cmd == PREFILL:
                 _, t, b, width = header[:4]
                 payload = self.ch.receive_payload(2 * t + (b + 1) + b + b * width)
@@ -378,11 +398,11 @@ class Worker:
 
     def _cycle(self, header: list[int]) -> None:
         _, bm, features = header[:3]
-        plan = self.ch.receive_payload(self.ch.world * (2 + bm)).view(self.ch.world, 2 + bm)
-        active, micro_batch = int(plan[self.ch.rank, 0]), int(plan[self.ch.rank, 1])
+        row = HEADER + self.ch.rank * (2 + bm)
+        active, micro_batch = header[row], header[row + 1]
         if not active:
             return
-        positions = plan[self.ch.rank, 2:]
+        positions = torch.tensor(header[row + 2:row + 2 + bm], dtype=torch.int64)
         self._step(bm, None, None, features=bool(features), cycle=(micro_batch, positions))
         self.cycles += 1
 
@@ -398,12 +418,12 @@ class Worker:
         self._flush()
         buf, work = self.ch.recv((rows, 2, self.hidden), self.stage.dtype, rank - 1)
         work.wait()
-        timer = self._start_timer()
-        if cycle is None:
+        if cycle is None:  # a prefill: not a cycle, so not in the per-cycle times
             out = self.stage.run(buf, None, positions, meta)
         else:
+            timer = self._start_timer()
             out = self.stage.cycle(cycle[0], cycle[1], pair=buf)
-        self._stop_timer(timer)
+            self._stop_timer(timer)
         last = rank == world - 1
         self.pending.append(self.ch.send(out, 0 if last else rank + 1))
         if features and not last:
