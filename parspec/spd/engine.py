@@ -90,13 +90,15 @@ class PipelineTimes:
     """Per-cycle breakdown summed over a run (seconds): rank 0's stage 0, the module, every
     stage's compute and the cycles it was active in (a stage idles in some cycles of plain
     pipelining at low concurrency: its time is per active cycle), and the wall time of the
-    cycles; transfer + host ~ cycle - slowest stage."""
+    cycles; transfer + host ~ cycle - slowest stage; rank 0's host work per cycle = cycle - the
+    time it waited in the cycle's host read."""
 
     cycles: int = 0
     cycle_s: float = 0.0
     module_s: float = 0.0
     stage_s: list[float] = field(default_factory=list)
     stage_cycles: list[int] = field(default_factory=list)
+    read_s: float = 0.0  # rank 0 blocked in the cycle's one host read (waiting for the GPUs)
 
     def as_dict(self) -> dict:
         per = (lambda x, k=self.cycles: 1e3 * x / k if k else 0.0)
@@ -105,7 +107,8 @@ class PipelineTimes:
         cycle = per(self.cycle_s)
         return {"cycles": self.cycles, "cycle_ms": cycle, "module_ms": per(self.module_s),
                 "stage_ms": stage, "stage_active_cycles": list(self.stage_cycles), "slowest_stage_ms": slowest,
-                "transfer_and_host_ms": max(cycle - slowest, 0.0)}
+                "transfer_and_host_ms": max(cycle - slowest, 0.0),
+                "rank0_host_ms": cycle - per(self.read_s), "rank0_read_wait_ms": per(self.read_s)}
 
 
 class PipelineEngine:
@@ -441,7 +444,9 @@ class PipelineEngine:
             host = self._read_drafts(mb_rows, torch.cat([tokens, accepted.long()]))
             tokens_h, acc_h = host[:len(valid)], host[len(valid):]
         else:
-            tokens_h, acc_h = tokens.tolist(), accepted.tolist()
+            t0 = self._clock()
+            tokens_h, acc_h = torch.stack([tokens, accepted.long()]).tolist()
+            self.times.read_s += self._clock() - t0
         for r, draft, t, acc in zip(valid, drafts, tokens_h, acc_h):
             if draft is not None:
                 r.seq.spec.record(1, int(acc))
@@ -463,7 +468,9 @@ class PipelineEngine:
         if self.module_stream is not None:  # the drafts (and their q) come from the module's stream
             torch.cuda.current_stream(self.device).wait_stream(self.module_stream)
         packed = self.drafts if extra is None else torch.cat([extra, self.drafts])
+        t0 = self._clock()
         values = packed.tolist()
+        self.times.read_s += self._clock() - t0
         split = 0 if extra is None else extra.numel()
         self.drafts_host = values[split:]
         self.drafts = None
