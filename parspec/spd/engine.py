@@ -368,6 +368,11 @@ class PipelineEngine:
         while True:
             t0 = self._clock()
             self._flush(keep_last=True)
+            # Stages 1..n-1 take over what the stage before held, whatever this cycle's verification
+            # says (a dropped token's work is ignored at its exit), so the workers get their orders
+            # before rank 0 waits for the exit: they need not idle through its round trip.
+            if any(s is not None for s in held[:-1]):
+                self._pending.append(self._command([None] + held[:-1]))
             exit_pair, features = self._receive(held, stage0_out)
             if held[n - 1] is not None:
                 mb = held[n - 1].micro_batch
@@ -380,10 +385,6 @@ class PipelineEngine:
             now = [entry] + held[:-1]
             if all(s is None for s in now):
                 break
-            command = [CYCLE, self.rows_per_mb, int(self.spd)] + [0] * (HEADER - 3)
-            for s in now:
-                command += [0, -1] + [-1] * self.rows_per_mb if s is None else [1, s.micro_batch] + s.positions
-            self._pending.append(self.channel.command(command, wait=False))
             inputs_ready = self._mark()  # the window's inputs are queued; stage 0 first, the module beside it
             window_inputs = features, self.exit_feat
             if entry is not None:
@@ -398,6 +399,13 @@ class PipelineEngine:
             times.cycles += 1
             times.cycle_s += self._clock() - t0
         self._collect_times()
+
+    def _command(self, slots: list[_Slot | None]):
+        """A CYCLE command: each stage's slot (stage 0's is rank 0's own business), not waited for."""
+        command = [CYCLE, self.rows_per_mb, int(self.spd)] + [0] * (HEADER - 3)
+        for s in slots:
+            command += [0, -1] + [-1] * self.rows_per_mb if s is None else [1, s.micro_batch] + s.positions
+        return self.channel.command(command, wait=False)
 
     def _receive(self, held: list[_Slot | None], stage0_out):
         """The previous cycle's outputs that come back to rank 0: the exit pair from the last
