@@ -8,6 +8,7 @@ and off execute the same kernels on the same inputs and give identical outputs."
 
 from __future__ import annotations
 
+import gc
 from typing import Callable, Hashable
 
 import torch
@@ -56,8 +57,19 @@ class GraphCache:
             self.fn(key)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode=self.capture_error_mode):
-            outputs = self.fn(key)
+        # No garbage collection while capturing: a collected object that owns a CUDA graph (an
+        # engine dropped earlier) destroys it inside the capture, which invalidates the capture
+        # (seen on the H200: "operation not permitted when stream is capturing (function reset)",
+        # then the capture failed, after an earlier test's engines were dropped).
+        # torch.cuda.graph collects once on entry.
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode=self.capture_error_mode):
+                outputs = self.fn(key)
+        finally:
+            if enabled:
+                gc.enable()
         return graph, outputs
 
 

@@ -108,3 +108,34 @@ def test_async_scheduling_changes_nothing_on_gpu(method):
         assert llm.engine.async_scheduling is flag
         assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
     assert outs[True] == outs[False]
+
+
+def test_capture_survives_garbage_collection_of_an_old_graph():
+    """Seen on the H200: an engine dropped by an earlier test still owned captured graphs in a
+    reference cycle; the collector destroyed them in the middle of a later capture, which
+    invalidated that capture. GraphCache keeps the collector off while it captures."""
+    import gc
+
+    from parspec.cuda_graphs import GraphCache
+
+    x = torch.ones(64, device="cuda")
+
+    class Owner:  # a graph kept alive only by a reference cycle, as an engine's were
+        def __init__(self):
+            self.me = self
+            self.cache = GraphCache(lambda key: x * key, enabled=True)
+            self.cache.run(2)
+
+    gc.collect()
+    Owner()  # unreachable now; only the collector frees it
+
+    def busy(key):  # allocates enough cyclic garbage to trigger automatic collection
+        for _ in range(5000):
+            a = []
+            a.append(a)
+        return x + key
+
+    cache = GraphCache(busy, enabled=True)
+    torch.testing.assert_close(cache.run(3), x + 3)
+    torch.testing.assert_close(cache.run(3), x + 3)  # the replay
+    gc.collect()
