@@ -31,13 +31,20 @@ def bucket_for(batch: int, buckets: list[int]) -> int:
 
 class GraphCache:
     """``run(key)`` calls ``fn(key)``: eagerly when graphs are off, else by replaying the
-    graph captured at the key's first call (after one eager warm-up on a side stream)."""
+    graph captured at the key's first call (after one eager warm-up on a side stream).
 
-    def __init__(self, fn: Callable[[Hashable], object], enabled: bool, pool=None, capture_error_mode: str = "global"):
+    Graphs that replay concurrently (on different streams) need different ``capture_stream``s:
+    a captured cuBLAS call keeps the workspace of the stream it was captured on, and torch's
+    graphs all capture on one default stream unless told otherwise, so two such graphs would
+    share one workspace while running at the same time."""
+
+    def __init__(self, fn: Callable[[Hashable], object], enabled: bool, pool=None, capture_error_mode: str = "global",
+                 capture_stream: torch.cuda.Stream | None = None):
         self.fn = fn
         self.enabled = enabled
         self.pool = pool
         self.capture_error_mode = capture_error_mode  # "thread_local" lets other threads (NCCL's watchdog) run
+        self.capture_stream = capture_stream
         self.graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, object]] = {}
 
     def run(self, key: Hashable):
@@ -65,7 +72,8 @@ class GraphCache:
         enabled = gc.isenabled()
         gc.disable()
         try:
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode=self.capture_error_mode):
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.capture_stream,
+                                  capture_error_mode=self.capture_error_mode):
                 outputs = self.fn(key)
         finally:
             if enabled:

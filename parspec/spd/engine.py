@@ -194,9 +194,11 @@ class PipelineEngine:
         n, rows, hidden = self.num_stages, self.cfg.max_num_seqs, self.model_config.hidden_size
         self.module_window = torch.zeros(3, rows, n + 1, dtype=torch.int64, device=self.device)
         self.module_sources = torch.zeros(n + 1, rows, hidden, dtype=self.dtype, device=self.device)
-        # its own memory pool: the module's graph replays beside stage 0's, on another stream
+        # The module's graph replays beside stage 0's, on another stream: its own memory pool, and
+        # its own capture stream, hence its own cuBLAS workspace (a shared one is a race).
+        capture = torch.cuda.Stream(self.device) if self.use_graphs else None
         self.module_graphs = GraphCache(self._module_forward, enabled=self.use_graphs,
-                                        capture_error_mode="thread_local")
+                                        capture_error_mode="thread_local", capture_stream=capture)
         self._graphed_drafter = self.drafter
 
     def _num_kv_blocks(self) -> int:
