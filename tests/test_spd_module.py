@@ -148,40 +148,55 @@ def test_save_load_and_weight_errors(tmp_path):
         SPDModule.from_pretrained(str(tmp_path), *parts)
 
 
-def test_window_layout_equals_slow_loop():
+@pytest.mark.parametrize("context", [0, 2])
+def test_window_layout_equals_slow_loop(context):
     n, L = 3, 9
-    positions, depths, label = window_layout(L, n)
+    positions, depths, label = window_layout(L, n, context=context)
     for j in range(L):
         for d in range(1, n + 1):
-            slots = [(-1, None)] * (n - d) + [(n, j)] + [(d - k, j + k) for k in range(1, d + 1)]
-            assert depths[d - 1].tolist() == [s[0] for s in slots]
+            before = [(n, j - c) if j - c >= 0 else (-1, None) for c in range(context, 0, -1)]
+            slots = before + [(-1, None)] * (n - d) + [(n, j)] + [(d - k, j + k) for k in range(1, d + 1)]
+            assert depths[j, d - 1].tolist() == [s[0] for s in slots]
             assert [p for (s, _), p in zip(slots, positions[j, d - 1].tolist()) if s >= 0] == \
                    [p for s, p in slots if s >= 0]
             assert label[j, d - 1] == j + d
 
 
-def test_vectorised_windows_equal_module_forward(tmp_path):
+@pytest.mark.parametrize("mixer,context", [("attention", 0), ("mlp", 0), ("attention", 2), ("mlp", 2)])
+def test_vectorised_windows_equal_module_forward(mixer, context):
     """Training's gathered windows give what the runtime's per-window forward gives, and the
     raw windows are what a slow loop over positions builds."""
-    n, L = 3, 8
-    m = _module(n)
+    n, L, C = 3, 8, context
+    m = _module(n, mixer, context=C)
+    if C and mixer == "attention":
+        with torch.no_grad():
+            m.slot_embed.normal_(0, 0.5)
     g = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, V, (2, L), generator=g)
     feats = torch.randn(2, L, n, H, generator=g)
     lengths = torch.tensor([8, 5])
-    w = batch_windows(lengths, L, n)
+    w = batch_windows(lengths, L, n, context=C)
     assert len(w.b) == sum(max(0, int(length) - d) for length in lengths for d in range(1, n + 1))
     ids, depths, f = window_inputs(tokens, feats, w)
     for r in range(len(w.b)):
         b, j, d = int(w.b[r]), int(w.anchor[r]), int(w.d[r])
         assert int(w.label[r]) == j + d < int(lengths[b])
-        want_ids = [0] * (n - d) + [int(tokens[b, j + k]) for k in range(d + 1)]
-        want_depths = [-1] * (n - d) + [n] + list(range(d - 1, -1, -1))
+        ctx = [(int(tokens[b, j - c]), n) if j - c >= 0 else (0, -1) for c in range(C, 0, -1)]
+        want_ids = [t for t, _ in ctx] + [0] * (n - d) + [int(tokens[b, j + k]) for k in range(d + 1)]
+        want_depths = [s for _, s in ctx] + [-1] * (n - d) + [n] + list(range(d - 1, -1, -1))
         assert ids[r].tolist() == want_ids and depths[r].tolist() == want_depths
-        assert torch.equal(f[r, n - d], feats[b, j, n - 1])
+        for c in range(1, C + 1):
+            if j - c >= 0:
+                assert torch.equal(f[r, C - c], feats[b, j - c, n - 1])
+        assert torch.equal(f[r, C + n - d], feats[b, j, n - 1])
         for k in range(1, d):
-            assert torch.equal(f[r, n - d + k], feats[b, j + k, d - k - 1])
+            assert torch.equal(f[r, C + n - d + k], feats[b, j + k, d - k - 1])
     assert torch.allclose(window_logits(m, tokens, feats, w), m(ids, depths, f), atol=1e-5)
+    if C:  # the context counts: other tokens there change the logits
+        other = tokens.clone()
+        other[:, :2] = (other[:, :2] + 1) % V
+        far = w.anchor >= 2  # windows whose own tokens are all past position 1 differ only in context
+        assert not torch.allclose(window_logits(m, other, feats, w)[far], window_logits(m, tokens, feats, w)[far])
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +249,20 @@ def test_short_training_lowers_loss(tiny_target, tmp_path):
     assert torch.equal(warm.module.out_proj.weight, after_module.out_proj.weight)
     with pytest.raises(ConfigError, match="differs in hidden_size"):
         SPDTrainer(target, cfg, data, replace(tc, init_from=out, hidden_size=16, num_heads=2), {})
+    # A module with context slots warm-starts from it and computes the same (the new slots'
+    # weights start at zero) until training teaches it to use them.
+    wide = SPDTrainer(target, cfg, data, replace(tc, init_from=out, context=3, steps=5), {})
+    assert wide.cfg.window == 6 and wide.cfg.extra["init_from"] == os.path.normpath(out)
+    with torch.no_grad():
+        narrow_loss, narrow = warm.batch_loss(probe)
+        wide_loss, wide_stats = wide.batch_loss(probe)
+    torch.testing.assert_close(wide_loss, narrow_loss)
+    assert torch.equal(wide_stats["hits"], narrow["hits"])
+    for _ in range(3):
+        wide.train_step(0.0)
+    assert wide.module.mlp.gate_up.weight[:, :3 * 32].abs().sum() > 0  # the context columns learn
+    with pytest.raises(ConfigError, match="differs in context, mixer"):
+        SPDTrainer(target, cfg, data, replace(tc, init_from=out, context=3, mixer="attention"), {})
 
 
 def _engine_greedy(target_dir: str, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
@@ -334,13 +363,15 @@ def _expanded_parts(parts, Hn: int):
     return e2, n2, l2
 
 
-@pytest.mark.parametrize("mixer", ["attention", "mlp"])
-def test_expansion_is_exact(tmp_path, mixer):
+@pytest.mark.parametrize("mixer,context", [("attention", 0), ("mlp", 0), ("attention", 2), ("mlp", 2)])
+def test_expansion_is_exact(tmp_path, mixer, context):
     n, Hn = 3, 80
     parts = _target_parts()
-    m = _module(n, mixer, parts=parts)
+    m = _module(n, mixer, parts=parts, context=context)
     with torch.no_grad():
         m.in_norm.uniform_(0.5, 1.5)
+        if context and mixer == "attention":
+            m.slot_embed.normal_(0, 0.5)
     src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
     m.save_pretrained(src, dtype=torch.float32)
     bounds = expand_spd_module(src, dst, Hn, layer_map=[0, 2, 4, 6, 8, 10], num_layers_new=12, dtype="float32",
@@ -348,6 +379,10 @@ def test_expansion_is_exact(tmp_path, mixer):
     assert bounds == [0, 4, 8, 12]
     big = SPDModule.from_pretrained(dst, *_expanded_parts(parts, Hn), dtype=torch.float32)
     ids, depths, feats = _windows(n)
+    if context:  # two context slots in front, the first before the sequence's start
+        ids = torch.cat([torch.randint(0, V, (ids.shape[0], context)), ids], dim=1)
+        depths = torch.cat([torch.tensor([[-1, n]]).expand(ids.shape[0], -1), depths], dim=1)
+        feats = torch.cat([torch.randn(feats.shape[0], context, H), feats], dim=1)
     padded = torch.cat([feats, torch.zeros(*feats.shape[:-1], Hn - H)], dim=-1)
     assert torch.allclose(big(ids, depths, padded), m(ids, depths, feats), atol=1e-4, rtol=1e-5)
     # A deeper target whose even split moves a source layer into another stage is refused.

@@ -265,6 +265,66 @@ def test_spd_greedy_matches_and_kv_recomputes(pipeline, target, reference, batch
     pipeline.drafter = None
 
 
+class Recorder:
+    """An SPD module that records every window it is shown (row 0's) and drafts with it,
+    pushed towards the reference continuation of its in-flight tokens but on every third
+    call (so drafts are accepted and rejected; the same windows give the same drafts)."""
+
+    def __init__(self, module, full: list[int], prompt_len: int):
+        self.module, self.config, self.windows = module, module.config, []
+        self.full, self.lo, self.calls = full, prompt_len - 1, 0
+
+    def __call__(self, ids, depths, feats):
+        self.windows.append((ids[0].clone(), depths[0].clone(), feats[0].clone()))
+        logits = self.module(ids, depths, feats)
+        C = self.config.context
+        tail = ids[0, C:][depths[0, C:] >= 0].tolist()  # x_j and the in-flight tokens: consecutive
+        at = [j for j in range(self.lo, len(self.full) - len(tail)) if self.full[j:j + len(tail)] == tail]
+        self.calls += 1
+        if at and self.calls % 3:
+            logits[0, self.full[at[0] + len(tail)]] += 100.0
+        return logits
+
+
+def test_spd_context_windows_equal_the_simulators(pipeline, target, reference):
+    """A module with context slots (the verified tokens before x_j, at depth n): the runtime
+    shows it, cycle by cycle, the windows the one-process simulator builds, and stays lossless.
+    The module is random but drafts the target's token often enough to exercise acceptances."""
+    from parspec.spd.module import SPDModule, SPDModuleConfig
+    from parspec.spd.simulate import simulate_sequence
+
+    n, cfg = pipeline.num_stages, pipeline.model_config
+    torch.manual_seed(11)
+    mcfg = SPDModuleConfig.for_target(cfg.num_hidden_layers, n, cfg.hidden_size, cfg.vocab_size, hidden_size=32,
+                                      intermediate_size=40, mixer="mlp", context=3)
+    model = pipeline.stage.model
+    module = SPDModule(mcfg).attach_target(model.model.embed_tokens, model.model.norm, model.lm_head).eval()
+    prompt, ref = PROMPTS[2], reference[2]
+    runtime = pipeline.drafter = Recorder(module, prompt + ref, len(prompt))
+    pipeline.reset_stats()
+    out = pipeline.generate(_inputs([prompt]), GREEDY, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == ref
+    full, _ = load_model(target, torch.float32, torch.device("cpu"))
+    simulated = Recorder(module, prompt + ref, len(prompt))
+    sim = simulate_sequence(full, simulated, prompt, GREEDY.max_tokens)
+    assert sim.tokens == ref
+    steps = min(len(runtime.windows), len(simulated.windows))
+    assert steps >= GREEDY.max_tokens - 1
+    for k, ((ids, depths, feats), (ids2, depths2, feats2)) in enumerate(
+            zip(runtime.windows[:steps], simulated.windows[:steps])):
+        assert depths.tolist() == depths2.tolist(), k
+        real = depths >= 0
+        assert ids[real].tolist() == ids2[real].tolist(), k
+        has = depths >= 1
+        torch.testing.assert_close(feats[has], feats2[has], atol=1e-4, rtol=1e-4)
+    assert any(int((w[1][:3] >= 0).sum()) == 3 for w in runtime.windows)  # the context filled up
+    stats = pipeline.stats
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens  # both verdicts happened
+    assert sum(sim.accepted) == stats.num_accepted_tokens
+    assert any(int((w[1][3:] >= 0).sum()) == n + 1 for w in runtime.windows)  # full windows (d = n)
+    pipeline.drafter = None
+
+
 def test_unsupported_sampling_is_refused_and_the_pipeline_goes_on(pipeline, reference):
     pipeline.drafter = None
     with pytest.raises(SamplingError, match="presence_penalty=0.5"):

@@ -81,6 +81,7 @@ class _Row:
     index: int  # row inside its micro-batch
     inflight: deque = field(default_factory=deque)  # oldest first
     exit_token: int = 0  # x_j: the last token that left the last stage validly
+    context: list[int] = field(default_factory=list)  # the module's context: x_{j-C}..x_{j-1}
     to_enter: int | None = None  # a token the target emitted that enters stage 0 this cycle
     done: bool = False
 
@@ -192,8 +193,11 @@ class PipelineEngine:
         if self.module_graphs is not None and self._graphed_drafter is self.drafter:
             return
         n, rows, hidden = self.num_stages, self.cfg.max_num_seqs, self.model_config.hidden_size
-        self.module_window = torch.zeros(3, rows, n + 1, dtype=torch.int64, device=self.device)
-        self.module_sources = torch.zeros(n + 1, rows, hidden, dtype=self.dtype, device=self.device)
+        self.context = getattr(getattr(self.drafter, "config", None), "context", 0)
+        t = self.context + n + 1
+        self.module_window = torch.zeros(3, rows, t, dtype=torch.int64, device=self.device)
+        # sources: 0 none, 1..n-1 the stages' outputs, n the exit x_j, n + k the context x_{j-k}
+        self.module_sources = torch.zeros(t, rows, hidden, dtype=self.dtype, device=self.device)
         # The module's graph replays beside stage 0's, on another stream: its own memory pool, and
         # its own capture stream, hence its own cuBLAS workspace (a shared one is a race).
         capture = torch.cuda.Stream(self.device) if self.use_graphs else None
@@ -358,6 +362,14 @@ class PipelineEngine:
             if not r.done:
                 r.to_enter = t
         self.exit_feat = last.sum(dim=1)  # x_p at depth n, per row (SPD's window)
+        if self.spd and self.context:  # the prompt's tokens before x_p, at depth n
+            C = self.context
+            for r in rows:
+                r.context = r.seq.token_ids[:r.seq.num_prompt_tokens][-1 - C:-1]
+            k = torch.arange(1, C + 1, device=self.device)[:, None]
+            at = to_device(cu[1:], torch.int64, self.device)[None] - 1 - k  # [C, B]
+            starts = to_device(cu[:-1], torch.int64, self.device)[None]
+            self.history = torch.where((at >= starts)[..., None], back[at.clamp(min=0)].sum(dim=2), 0)
 
     # --- the cycles -----------------------------------------------------------------------------
     def _cycles(self, rows: list[_Row]) -> None:
@@ -436,12 +448,17 @@ class PipelineEngine:
         drafts = []
         for r in valid:
             x = r.inflight.popleft()
+            if self.spd and self.context:
+                r.context = (r.context + [r.exit_token])[-self.context:]
             r.exit_token = x.token
             nxt = r.inflight[0] if r.inflight else None
             drafts.append(nxt if nxt is not None and not nxt.emitted else None)
         idx = to_device([r.index for r in valid], torch.int64, self.device)
         if self.spd and valid:
             # out of place: the module (its own stream on a GPU) may still read the old one
+            if self.context:  # the old x_j becomes context 1, context k becomes k + 1
+                moved = torch.cat([self.exit_feat[idx][None], self.history[:-1, idx]])
+                self.history = self.history.index_copy(1, idx, moved)
             self.exit_feat = self.exit_feat.index_copy(0, idx, exit_pair[idx].sum(dim=1))
         if not valid:
             if self.spd and self.drafts is not None:
@@ -541,12 +558,14 @@ class PipelineEngine:
                ready) -> None:
         """Draft every row's next token from its window; runs beside stage 0 (its own stream on a
         GPU, which waits only for ``ready``: the window's inputs, not stage 0's work)."""
-        n, b = self.num_stages, len(rows)
-        t = n + 1
+        n, b, C = self.num_stages, len(rows), self.context
+        t = C + n + 1
         window = torch.zeros(3, b, t, dtype=torch.int64)  # token ids, depths, feature sources
         ids, depths, src = window  # src 0: no feature; k in 1..n-1: stage k-1's output; n: the exit
         depths.fill_(-1)
         for r in rows:
+            for k, token in enumerate(reversed(r.context), start=1):  # x_{j-k} in slot C - k
+                depths[r.index, C - k], ids[r.index, C - k], src[r.index, C - k] = n, token, n + k
             inflight = list(r.inflight)
             d = len(inflight)
             for k in range(d):  # depth k: the token that entered k cycles ago
@@ -560,7 +579,7 @@ class PipelineEngine:
         stream = self.module_stream
         if stream is not None:
             stream.wait_event(ready)
-            for t_in in [exit_feat] + [f for f in features if f is not None]:
+            for t_in in [exit_feat] + [f for f in features if f is not None] + ([self.history] if C else []):
                 t_in.record_stream(stream)  # main-stream memory read here: not reused before the module ran
         ctx = torch.cuda.stream(stream) if stream is not None else _nullcontext()
         with ctx:
@@ -575,6 +594,8 @@ class PipelineEngine:
                     torch.sum(f, dim=1, out=slot)
                 else:
                     slot.copy_(f)
+            if C:
+                self.module_sources[n + 1:, :b].copy_(self.history)
             logits = self.module_graphs.run(b)
             self.drafts = self._sample_drafts(c + 1, logits)
             self._timer_stop("module", start, stream)

@@ -1,8 +1,13 @@
 """The SPD speculation module: the next token from a window of in-flight tokens' features.
 
-Row b of a call is the window of one sequence, ``T = n + 1`` slots, oldest first, LEFT-padded:
+Row b of a call is the window of one sequence, ``T = C + n + 1`` slots, oldest first: C
+context slots, then the in-flight part LEFT-padded to n + 1 slots:
 
-    [x_j at depth n, x_{j+1} at depth d-1, ..., x_{j+d} at depth 0]      (d in 1..n)
+    [x_{j-C}, ..., x_{j-1} at depth n,   x_j at depth n, x_{j+1} at depth d-1, ..., x_{j+d} at depth 0]
+
+(d in 1..n; C = ``context``, 0 by default: the tokens verified before x_j, whose final
+features rank 0 keeps anyway; a context slot before the sequence's start is padding). A
+context slot's place says how far before x_j it is, whatever d is.
 
 ``depths[b, i]`` is -1 for padding (token id and feature ignored), 0 for a token whose only
 input is its id, 1..n for a token whose residual stream at that depth is in ``feats``. The
@@ -54,7 +59,7 @@ def _positive_int(cfg: dict, key: str) -> int:
 
 @dataclass
 class SPDModuleConfig:
-    num_stages: int  # n: the window holds T = n + 1 slots
+    num_stages: int  # n: the window holds T = context + n + 1 slots
     stage_bounds: list[int]  # the target's partition the features come from (partition.stage_bounds)
     target_hidden_size: int  # H
     vocab_size: int  # the target's
@@ -62,6 +67,7 @@ class SPDModuleConfig:
     intermediate_size: int = 512
     num_heads: int = 4  # attention mixer only
     mixer: str = "attention"
+    context: int = 0  # C: verified tokens before x_j in the window, at depth n
     rms_norm_eps: float = 1e-5
     feature_norm_eps: float | None = None  # the norms of the target's features; None: rms_norm_eps
     extra: dict = field(default_factory=dict)  # provenance (training data, target), carried through
@@ -78,6 +84,8 @@ class SPDModuleConfig:
         if self.mixer == "attention" and self.hidden_size % self.num_heads:
             raise ConfigError(f"SPD module config: hidden_size={self.hidden_size} is not a multiple of "
                               f"num_heads={self.num_heads}")
+        if not isinstance(self.context, int) or isinstance(self.context, bool) or self.context < 0:
+            raise ConfigError(f"SPD module config: context={self.context!r} must be an integer >= 0")
         if self.feature_norm_eps is None:
             self.feature_norm_eps = self.rms_norm_eps
         for name in ("rms_norm_eps", "feature_norm_eps"):
@@ -86,7 +94,7 @@ class SPDModuleConfig:
 
     @property
     def window(self) -> int:
-        return self.num_stages + 1
+        return self.context + self.num_stages + 1
 
     @property
     def target_num_layers(self) -> int:
@@ -111,7 +119,7 @@ class SPDModuleConfig:
             if not isinstance(v, (int, float)) or isinstance(v, bool):
                 raise ConfigError(f"SPD module config: {k}={v!r} must be a number")
         return cls(stage_bounds=list(bounds) if isinstance(bounds, (list, tuple)) else bounds,
-                   mixer=cfg.get("mixer", "attention"), rms_norm_eps=float(eps["rms_norm_eps"]),
+                   mixer=cfg.get("mixer", "attention"), context=cfg.get("context", 0), rms_norm_eps=float(eps["rms_norm_eps"]),
                    feature_norm_eps=float(eps["feature_norm_eps"]), extra=cfg.get("parspec_spd", {}) or {}, **ints)
 
     def to_dict(self) -> dict:
@@ -180,6 +188,8 @@ class SPDModule(nn.Module):
         self.in_norm = nn.Parameter(torch.ones(n + 1, H))
         self.in_proj = nn.Parameter(torch.empty(n + 1, h, H).normal_(0, H ** -0.5))
         self.depth_embed = nn.Parameter(torch.zeros(n + 1, h))
+        if cfg.mixer == "attention" and cfg.context:  # attention alone does not see the slots' order
+            self.slot_embed = nn.Parameter(torch.zeros(cfg.window, h))
         if cfg.mixer == "attention":
             self.attn_norm = RMSNorm(h, cfg.rms_norm_eps)
             self.attn = SlotAttention(h, cfg.num_heads)
@@ -236,7 +246,11 @@ class SPDModule(nn.Module):
         pick = (depths - 1).clamp(min=0)[..., None, None].expand(*depths.shape, 1, every.shape[-1])
         f = every.gather(-2, pick).squeeze(-2)
         x = e + torch.where(has_feat[..., None], f, 0) + self.depth_embed[depths.clamp(min=0)]
-        return torch.where(real[..., None], x, 0)
+        return torch.where(real[..., None], self.add_slot_embed(x), 0)
+
+    def add_slot_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., T, h] + the slot embedding (attention mixer with context only)."""
+        return x + self.slot_embed if hasattr(self, "slot_embed") else x
 
     # --- mixer and output -----------------------------------------------------------------
     def mix(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:

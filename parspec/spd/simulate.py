@@ -101,13 +101,19 @@ class SequenceResult:
     accepted: list[int] = field(default_factory=list)  # ... and accepted
 
 
-def _window(module, last: InFlight, last_feat: torch.Tensor, inflight: list[InFlight], n: int, device):
-    """The module's inputs for one window, left-padded to n + 1 slots."""
-    H = last_feat.shape[-1]
-    ids = torch.zeros(1, n + 1, dtype=torch.long, device=device)
-    depths = torch.full((1, n + 1), -1, dtype=torch.long, device=device)
-    feats = torch.zeros(1, n + 1, H, dtype=last_feat.dtype, device=device)
-    start = n - len(inflight)
+def _window(module, last: InFlight, last_feat: torch.Tensor, inflight: list[InFlight], n: int, device,
+            history: list[tuple[int, torch.Tensor]] = ()):
+    """The module's inputs for one window: ``history`` (the verified tokens before ``last`` and
+    their final features, oldest first) in the C context slots, then the in-flight part
+    left-padded to n + 1 slots."""
+    H, C = last_feat.shape[-1], getattr(module.config, "context", 0)
+    T = C + n + 1
+    ids = torch.zeros(1, T, dtype=torch.long, device=device)
+    depths = torch.full((1, T), -1, dtype=torch.long, device=device)
+    feats = torch.zeros(1, T, H, dtype=last_feat.dtype, device=device)
+    for k, (token, feat) in enumerate(reversed(history[-C:] if C else []), start=1):
+        ids[0, C - k], depths[0, C - k], feats[0, C - k] = token, n, feat
+    start = C + n - len(inflight)
     ids[0, start], depths[0, start], feats[0, start] = last.token, n, last_feat
     for i, tok in enumerate(inflight, start + 1):
         ids[0, i], depths[0, i] = tok.token, tok.depth
@@ -127,13 +133,15 @@ def simulate_sequence(target, module, prompt: list[int], max_new_tokens: int,
     state = staged.prefill(torch.tensor(prompt, device=device))
     t = int(staged.exit_logits(state)[-1].argmax())
     result = SequenceResult([t], 0, [0] * n, [0] * n)
-    last, last_feat = InFlight(prompt[-1], len(prompt) - 1), _stream(*state)[-1]
+    stream, C = _stream(*state), getattr(module.config, "context", 0)
+    last, last_feat = InFlight(prompt[-1], len(prompt) - 1), stream[-1]
+    history = [(prompt[p], stream[p]) for p in range(max(0, len(prompt) - 1 - C), len(prompt) - 1)]
     queue: list[InFlight] = []
     entering = InFlight(t, len(prompt))
     while len(result.tokens) < max_new_tokens and t not in eos_ids:
         result.cycles += 1
         inflight = queue + [entering]
-        ids, depths, feats = _window(module, last, last_feat, inflight, n, device)
+        ids, depths, feats = _window(module, last, last_feat, inflight, n, device, history)
         draft = InFlight(int(module(ids, depths, feats)[0].argmax()), entering.pos + 1, window=len(inflight))
         for tok in inflight:  # every stage advances the token it holds
             state = tok.state if tok.depth else torch.tensor([tok.token], device=device)
@@ -146,6 +154,7 @@ def simulate_sequence(target, module, prompt: list[int], max_new_tokens: int,
         out = queue.pop(0)
         t = int(staged.exit_logits(out.state)[0].argmax())
         result.tokens.append(t)
+        history = (history + [(last.token, last_feat)])[-C:] if C else []
         last, last_feat = out, _stream(*out.state)[0]
         candidate = queue[0] if queue else draft
         result.verified[candidate.window - 1] += 1

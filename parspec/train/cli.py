@@ -23,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--module-hidden-size", type=int, default=256, help="spd: the module's width")
     p.add_argument("--mixer", choices=("attention", "mlp"), default="mlp",
                    help="spd: how the module mixes its window's slots (the fixtures' study favoured mlp)")
+    p.add_argument("--context", type=int, default=0, help="spd: verified tokens before x_j in the module's window "
+                   "(their final features); a module of fewer may warm-start it (--init-from)")
     p.add_argument("--max-windows", type=int, default=0, help="spd: windows scored per step, sampled (0: all)")
     p.add_argument("--lookahead", type=int, default=1, help="spd: 2 trains the module to predict the token after "
                    "next (the experiment on drafting two in-flight positions in one pass)")

@@ -50,6 +50,7 @@ class SPDTrainConfig:
     intermediate_size: int | None = None  # None: 2 x hidden_size
     num_heads: int = 4
     mixer: str = "mlp"
+    context: int = 0  # verified tokens before x_j in the window (SPDModuleConfig.context)
     steps: int = 3000
     batch_size: int = 8
     max_windows: int = 0  # windows scored per step, a seeded sample (0: all)
@@ -101,7 +102,7 @@ def spd_config(args, target: ModelConfig) -> SPDTrainConfig:
         raise ConfigError("--method spd does not take " + ", ".join("--" + g.replace("_", "-") for g in given))
     tc = SPDTrainConfig(
         num_stages=args.num_stages, hidden_size=args.module_hidden_size, intermediate_size=args.intermediate_size,
-        num_heads=args.num_heads or 4, mixer=args.mixer, steps=args.steps, batch_size=args.batch_size,
+        num_heads=args.num_heads or 4, mixer=args.mixer, context=args.context, steps=args.steps, batch_size=args.batch_size,
         max_windows=args.max_windows, lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, heldout=args.heldout, eval_every=args.eval_every, seed=args.seed,
         device=args.device, target_dtype=args.dtype, save_dtype=args.save_dtype, max_bytes=args.max_bytes,
@@ -116,7 +117,8 @@ def module_config(target: ModelConfig, tc: SPDTrainConfig, extra: dict | None = 
     cfg = SPDModuleConfig.for_target(target.num_hidden_layers, tc.num_stages, target.hidden_size, target.vocab_size,
                                      hidden_size=tc.hidden_size,
                                      intermediate_size=tc.intermediate_size or 2 * tc.hidden_size,
-                                     num_heads=tc.num_heads, mixer=tc.mixer, rms_norm_eps=target.rms_norm_eps,
+                                     num_heads=tc.num_heads, mixer=tc.mixer, context=tc.context,
+                                     rms_norm_eps=target.rms_norm_eps,
                                      extra=extra or {})
     size = module_bytes(cfg, parse_dtype(tc.save_dtype))
     if size > tc.max_bytes:
@@ -127,20 +129,24 @@ def module_config(target: ModelConfig, tc: SPDTrainConfig, extra: dict | None = 
 
 # --- the windows of a batch ----------------------------------------------------------------
 
-def window_layout(length: int, n: int, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def window_layout(length: int, n: int, device=None, context: int = 0) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                  torch.Tensor]:
     """For anchors j < ``length`` and window sizes d = 1..n: (positions ``[L, n, T]`` of each
-    slot, depths ``[n, T]`` (-1 = padding), label positions ``[L, n]`` = j + d).
+    slot, depths ``[L, n, T]`` (-1 = padding), label positions ``[L, n]`` = j + d).
 
-    Slot i of a window of size d: padding for i < n - d; x_j at depth n for i = n - d; then
-    x_{j+k} at depth d - k, which is depth n - i whatever d is."""
-    T = n + 1
+    Slot C + i (i = 0..n) of a window of size d: padding for i < n - d; x_j at depth n for
+    i = n - d; then x_{j+k} at depth d - k, which is depth n - i whatever d is. Slot c < C:
+    x_{j-C+c} at depth n, padding before the sequence's start."""
+    C, T = context, context + n + 1
     j = torch.arange(length, device=device)[:, None, None]
     d = torch.arange(1, n + 1, device=device)[:, None]
-    i = torch.arange(T, device=device)[None, :]
+    i = torch.arange(T, device=device)[None, :] - C
     start = n - d  # [n, 1]
-    depth = torch.where(i < start, -1, torch.where(i == start, n, n - i))
-    positions = j + (i - start).clamp(min=0)[None]
-    return positions, depth, j[:, :, 0] + d[:, 0][None, :]
+    depth = torch.where(i < 0, n, torch.where(i < start, -1, torch.where(i == start, n, n - i)))
+    offset = torch.where(i < 0, i, (i - start).clamp(min=0))  # [n, T]: position - j
+    positions = j + offset[None]
+    depth = torch.where(positions < 0, -1, depth[None].expand_as(positions))
+    return positions.clamp(min=0), depth, j[:, :, 0] + d[:, 0][None, :]
 
 
 @dataclass
@@ -156,19 +162,19 @@ class Windows:
 
 
 def batch_windows(lengths: torch.Tensor, L: int, n: int, generator: torch.Generator | None = None,
-                  max_windows: int = 0, lookahead: int = 1) -> Windows:
+                  max_windows: int = 0, lookahead: int = 1, context: int = 0) -> Windows:
     """Every window whose label lies inside its sequence (optionally a seeded sample).
     ``lookahead`` 2 labels each window with the token after the next (P-EAGLE's second
     position: the experiment on drafting two in-flight positions from one window)."""
     device = lengths.device
-    positions, depth, label = window_layout(L, n, device)
+    positions, depth, label = window_layout(L, n, device, context)
     label = label + (lookahead - 1)
     valid = label[None] < lengths[:, None, None]  # [B, L, n]
     b, j, d0 = valid.nonzero(as_tuple=True)
     if max_windows and b.numel() > max_windows:
         keep = torch.randperm(b.numel(), generator=generator)[:max_windows].to(device).sort().values
         b, j, d0 = b[keep], j[keep], d0[keep]
-    return Windows(b, j, d0 + 1, positions[j, d0], depth[d0], label[j, d0])
+    return Windows(b, j, d0 + 1, positions[j, d0], depth[j, d0], label[j, d0])
 
 
 def window_inputs(tokens: torch.Tensor, feats: torch.Tensor, w: Windows):
@@ -186,7 +192,7 @@ def window_logits(module: SPDModule, tokens: torch.Tensor, feats: torch.Tensor, 
     embed = module.target_parts[0]
     comp = module.slot_components(embed(tokens).to(module.in_proj.dtype), feats.to(module.in_proj.dtype))
     depth = w.depths.clamp(min=0)
-    x = comp[w.b[:, None], w.positions, depth] + module.depth_embed[depth]
+    x = module.add_slot_embed(comp[w.b[:, None], w.positions, depth] + module.depth_embed[depth])
     real = w.depths >= 0
     x = torch.where(real[..., None], x, 0)
     return module.head(module.mix(x, real))
@@ -213,16 +219,25 @@ class SPDTrainer:
         self.metrics: dict = {"train": [], "eval": []}
 
     def _warm_start(self, path: str) -> None:
-        """The weights of a saved module whose shape (config but provenance) is this one's."""
+        """The weights of a saved module whose shape (config but provenance) is this one's, or,
+        with the MLP mixer, of one with fewer context slots: the mixer's columns for the slots
+        it lacks start at zero, so the warm-started module computes exactly what the saved one
+        did until training teaches it to use them."""
         from parspec.spd.module import read_weights
 
         theirs = SPDModuleConfig.from_pretrained(path).to_dict()
         mine = self.cfg.to_dict()
         diff = sorted(k for k in set(mine) | set(theirs)
                       if k not in ("parspec_spd", "torch_dtype") and mine.get(k) != theirs.get(k))
-        if diff:
+        widen = diff == ["context"] and theirs["context"] < mine["context"] and self.cfg.mixer == "mlp"
+        if diff and not widen:
             raise ConfigError(f"cannot warm-start from {path}: its module differs in {', '.join(diff)}")
         state = {k: v.to(device=self.device, dtype=torch.float32) for k, v in read_weights(path).items()}
+        if widen:
+            extra = mine["context"] - theirs["context"]
+            h = self.cfg.hidden_size
+            value = state["mlp.gate_up.weight"]  # [2I, T*h]: the new slots are the leftmost
+            state["mlp.gate_up.weight"] = torch.cat([value.new_zeros(value.shape[0], extra * h), value], dim=1)
         self.module.load_state_dict(state)
         self.cfg.extra["init_from"] = os.path.normpath(path)
 
@@ -242,7 +257,8 @@ class SPDTrainer:
         n = self.cfg.num_stages
         batch = self.data.batch(indices, self.device)
         feats, normed = depth_features(self.target, batch.tokens, self.cfg.stage_bounds, logits=False)
-        w = batch_windows(batch.lengths, batch.tokens.shape[1], n, generator, max_windows, self.tc.lookahead)
+        w = batch_windows(batch.lengths, batch.tokens.shape[1], n, generator, max_windows, self.tc.lookahead,
+                          self.cfg.context)
         with torch.no_grad():
             target_logp = self.target.compute_logits(normed[w.b, w.label]).log_softmax(-1)
         q = window_logits(self.module, batch.tokens, feats, w)
