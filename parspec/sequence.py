@@ -157,6 +157,49 @@ class Sequence:
         (vllm/v1/engine/parallel_sampling.py), so completion 0 repeats the n=1 request."""
         return None if self.params.seed is None else self.params.seed + self.index
 
+    def check_stop(self, token: int, eos_token_ids, max_model_len: int) -> tuple[str, str | int | None] | None:
+        """Why this completion stops at ``token`` (just appended), as (finish_reason,
+        stop_reason), or None; every engine asks this after each token it emits.
+
+        vLLM's rules: no stop of any kind before min_tokens output tokens (a stop string must
+        also end in text after them); an EOS or stop_token_ids token stays out of the text
+        unless include_stop_str_in_output; a stop string cuts the text where it starts (where
+        it ends with include_stop_str_in_output). The text grows by this token only, so the
+        check costs O(new text + longest stop string), not O(output)."""
+        p = self.params
+        n = self.num_output_tokens
+        reason = None
+        if n >= p.min_tokens:
+            if not p.ignore_eos and token in eos_token_ids:
+                reason = ("stop", None)
+            elif token in p.stop_token_ids:
+                reason = ("stop", token)
+        if self.stream is not None and (reason is None or p.include_stop_str_in_output):
+            stop = self.stream.push(token, check_stops=reason is None and n > p.min_tokens)
+            if stop is not None:
+                return "stop", stop
+        if reason is None and p.max_tokens is not None and n >= p.max_tokens:
+            reason = ("length", None)
+        if reason is None and len(self) >= max_model_len:
+            reason = ("length", None)
+        return reason
+
+    def finalize_text(self, tokenizer) -> None:
+        """The finished completion's text: the full decode of the output (less an EOS /
+        stop_token_ids token unless include_stop_str_in_output), or the streamed text cut at
+        a stop string."""
+        if self.stream is None:
+            return
+        if self.finish_reason == "stop" and isinstance(self.stop_reason, str):
+            final = self.stream.text
+        else:
+            ids = self.output_token_ids
+            if self.finish_reason == "stop" and not self.params.include_stop_str_in_output:
+                ids = ids[:-1]  # vLLM keeps the EOS / stop_token_ids token in token_ids, not in text
+            final = tokenizer.decode(ids, self.params.skip_special_tokens)
+        self.stream.settle(final)
+        self.text = final
+
     def __len__(self) -> int:
         return len(self.token_ids)
 

@@ -325,6 +325,40 @@ def test_spd_context_windows_equal_the_simulators(pipeline, target, reference):
     pipeline.drafter = None
 
 
+def test_stop_strings_cut_as_the_single_engine_cuts(model_factory):
+    """Stop strings (and include_stop_str_in_output) through the pipelined engine, plain and
+    SPD: token ids, text, finish and stop reasons equal the single-process engine's."""
+    from parspec.spd.module import SPDModule, SPDModuleConfig
+
+    path, _ = model_factory("llama", seed=3, num_hidden_layers=3)  # with a tokenizer
+    kw = {**COMMON, "skip_tokenizer_init": False}
+    single = LLM(path, **{k: v for k, v in kw.items() if k != "block_size"})
+    free = single.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)
+    text = free[0].outputs[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 2]  # met in the middle of the first completion
+    engine = start(path, 2, skip_tokenizer_init=False)
+    cfg = engine.model_config
+    mcfg = SPDModuleConfig.for_target(cfg.num_hidden_layers, 2, cfg.hidden_size, cfg.vocab_size, hidden_size=32,
+                                      intermediate_size=40, mixer="mlp")
+    model = engine.stage.model
+    module = SPDModule(mcfg).attach_target(model.model.embed_tokens, model.model.norm, model.lm_head).eval()
+    for include in (False, True):
+        params = SamplingParams(temperature=0, max_tokens=GREEDY.max_tokens, ignore_eos=True, stop=[stop],
+                                include_stop_str_in_output=include)
+        want = single.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+        assert want[0].outputs[0].finish_reason == "stop" and want[0].outputs[0].stop_reason == stop
+        for drafter in (None, module):
+            engine.drafter = drafter
+            got = engine.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+            for g, w in zip(got, want):
+                g, w = g.outputs[0], w.outputs[0]
+                assert (g.token_ids, g.text, g.finish_reason, g.stop_reason) == \
+                       (w.token_ids, w.text, w.finish_reason, w.stop_reason), (include, drafter is not None)
+    engine.drafter = None
+    with pytest.raises(SamplingError, match="min_tokens=2"):
+        engine.generate([{"prompt_token_ids": PROMPTS[0]}], SamplingParams(min_tokens=2, max_tokens=4))
+
+
 def test_unsupported_sampling_is_refused_and_the_pipeline_goes_on(pipeline, reference):
     pipeline.drafter = None
     with pytest.raises(SamplingError, match="presence_penalty=0.5"):

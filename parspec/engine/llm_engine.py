@@ -368,38 +368,12 @@ class LLMEngine:
                 seq.token_ids.append(token)
                 if logprobs is not None:
                     seq.logprobs.append(logprobs[j])
-                reason = self._check_stop(seq, token)
+                reason = seq.check_stop(token, self.eos_token_ids, self.max_model_len)
                 if reason is not None:  # the tokens after this one are dropped
                     self._finish(seq, *reason)
                     finished.append(seq)
                     break
         return finished
-
-    def _check_stop(self, seq: Sequence, token: int) -> tuple[str, str | int | None] | None:
-        """Why ``seq`` stops at ``token`` (just appended), as (finish_reason, stop_reason), or None.
-
-        vLLM's rules: no stop of any kind before min_tokens output tokens (a stop string must
-        also end in text after them); an EOS or stop_token_ids token stays out of the text
-        unless include_stop_str_in_output; a stop string cuts the text where it starts (where
-        it ends with include_stop_str_in_output). The text grows by this token only, so the
-        check costs O(new text + longest stop string), not O(output)."""
-        p = seq.params
-        n = seq.num_output_tokens
-        reason = None
-        if n >= p.min_tokens:
-            if not p.ignore_eos and token in self.eos_token_ids:
-                reason = ("stop", None)
-            elif token in p.stop_token_ids:
-                reason = ("stop", token)
-        if seq.stream is not None and (reason is None or p.include_stop_str_in_output):
-            stop = seq.stream.push(token, check_stops=reason is None and n > p.min_tokens)
-            if stop is not None:
-                return "stop", stop
-        if reason is None and p.max_tokens is not None and n >= p.max_tokens:
-            reason = ("length", None)
-        if reason is None and len(seq) >= self.max_model_len:
-            reason = ("length", None)
-        return reason
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None,
                 error: str | None = None) -> None:
@@ -414,26 +388,11 @@ class LLMEngine:
         self._release_draft_state(seq)
         seq.status, seq.finish_reason, seq.stop_reason, seq.error = Status.FINISHED, reason, stop_reason, error
         seq.finish_time = time.perf_counter()
-        self._finalize_text(seq)
+        seq.finalize_text(self.tokenizer)
         self._changed[seq.seq_id] = seq
         group = self._requests.get(seq.request_id)
         if group is not None and all(s.is_finished for s in group):
             del self._requests[seq.request_id]
-
-    def _finalize_text(self, seq: Sequence) -> None:
-        """The final text is the full decode of the output (less an EOS / stop_token_ids token
-        unless include_stop_str_in_output), or the streamed text cut at a stop string."""
-        if seq.stream is None:
-            return
-        if seq.finish_reason == "stop" and isinstance(seq.stop_reason, str):
-            final = seq.stream.text
-        else:
-            ids = seq.output_token_ids
-            if seq.finish_reason == "stop" and not seq.params.include_stop_str_in_output:
-                ids = ids[:-1]  # vLLM keeps the EOS / stop_token_ids token in token_ids, not in text
-            final = self.tokenizer.decode(ids, seq.params.skip_special_tokens)
-        seq.stream.settle(final)
-        seq.text = final
 
     def pop_deltas(self) -> list[RequestDelta]:
         """Everything since the last call: one RequestDelta per completion that got tokens,

@@ -54,8 +54,8 @@ class RequestError(ValueError):
 
 
 # SamplingParams fields the pipelined engine does not implement, with their neutral value.
-UNSUPPORTED = {"n": 1, "stop": [], "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
-               "min_tokens": 0, "logprobs": None, "logit_bias": None, "include_stop_str_in_output": False}
+UNSUPPORTED = {"n": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
+               "min_tokens": 0, "logprobs": None, "logit_bias": None}
 
 
 @dataclass
@@ -242,7 +242,9 @@ class PipelineEngine:
             raise RequestError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
         if len(ids) >= self.max_model_len:
             raise RequestError(f"the prompt has {len(ids)} tokens, max_model_len is {self.max_model_len}")
-        seq = Sequence(ids, params, None, text)
+        if params.stop and self.tokenizer is None:
+            raise RequestError(f"stop strings {params.stop!r} need a tokenizer (skip_tokenizer_init=True)")
+        seq = Sequence(ids, params, None, text, tokenizer=self.tokenizer)
         if seq.seed is not None:
             seq.generator = torch.Generator(self.device).manual_seed(seq.seed)
         return seq
@@ -656,28 +658,12 @@ class PipelineEngine:
     def _emit(self, row: _Row, token: int) -> None:
         seq = row.seq
         seq.token_ids.append(token)
-        reason = self._stop_reason(seq, token)
+        reason = seq.check_stop(token, self.eos_token_ids, self.max_model_len)
         if reason is not None:
             row.done = True
             seq.status, seq.finish_reason, seq.stop_reason = Status.FINISHED, *reason
             seq.finish_time = time.perf_counter()
-            if self.tokenizer is not None:
-                ids = seq.output_token_ids
-                if reason[0] == "stop":
-                    ids = ids[:-1]
-                seq.text = self.tokenizer.decode(ids, seq.params.skip_special_tokens)
-
-    def _stop_reason(self, seq: Sequence, token: int) -> tuple[str, int | None] | None:
-        p = seq.params
-        if not p.ignore_eos and token in self.eos_token_ids:
-            return "stop", None
-        if token in p.stop_token_ids:
-            return "stop", token
-        if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
-            return "length", None
-        if len(seq) >= self.max_model_len:
-            return "length", None
-        return None
+            seq.finalize_text(self.tokenizer)
 
     # --- timing -----------------------------------------------------------------------------------
     def _clock(self) -> float:
