@@ -325,6 +325,14 @@ def test_spd_context_windows_equal_the_simulators(pipeline, target, reference):
     pipeline.drafter = None
 
 
+def test_generate_shows_progress_per_finished_request(pipeline, reference, capsys):
+    pipeline.drafter = None
+    outs = pipeline.generate(_inputs(PROMPTS), GREEDY, use_tqdm=True)
+    assert [o.outputs[0].token_ids for o in outs] == reference
+    err = capsys.readouterr().err
+    assert "generate: 100%" in err and f"{len(PROMPTS)}/{len(PROMPTS)}" in err
+
+
 def test_stop_strings_cut_as_the_single_engine_cuts(model_factory):
     """Stop strings (and include_stop_str_in_output) through the pipelined engine, plain and
     SPD: token ids, text, finish and stop reasons equal the single-process engine's."""

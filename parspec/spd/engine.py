@@ -35,6 +35,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
 from parspec.config import ConfigError, EngineConfig, ModelConfig, SpeculativeConfig, parse_dtype, read_json
 from parspec.cuda_graphs import GraphCache
@@ -143,6 +144,7 @@ class PipelineEngine:
         self.max_positions = self.max_model_len + n + 2  # drafts run up to n positions past the output
         self.k = 1
         self.drafter = drafter
+        self._bar = None  # generate()'s progress bar (finished requests)
         self._pending: list = []  # rank 0's sends in flight: this cycle's
         self._sent_before: list = []  # and the previous cycle's
         self._timers: dict[str, list] = {"module": [], "stage0": []}  # GPU: (start, end) events
@@ -265,8 +267,9 @@ class PipelineEngine:
         seqs = [self._make_sequence(p, sp) for p, sp in zip(prompts, params)]
         size = self.cfg.max_num_seqs
         try:
-            for i in range(0, len(seqs), size):
-                self._run(seqs[i:i + size])
+            with tqdm(total=len(seqs), desc="generate", disable=not use_tqdm, unit="req") as self._bar:
+                for i in range(0, len(seqs), size):
+                    self._run(seqs[i:i + size])
         except RequestError:
             raise
         except BaseException as e:
@@ -664,6 +667,8 @@ class PipelineEngine:
             seq.status, seq.finish_reason, seq.stop_reason = Status.FINISHED, *reason
             seq.finish_time = time.perf_counter()
             seq.finalize_text(self.tokenizer)
+            if self._bar is not None:
+                self._bar.update(1)
 
     # --- timing -----------------------------------------------------------------------------------
     def _clock(self) -> float:
