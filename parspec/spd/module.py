@@ -119,7 +119,8 @@ class SPDModuleConfig:
             if not isinstance(v, (int, float)) or isinstance(v, bool):
                 raise ConfigError(f"SPD module config: {k}={v!r} must be a number")
         return cls(stage_bounds=list(bounds) if isinstance(bounds, (list, tuple)) else bounds,
-                   mixer=cfg.get("mixer", "attention"), context=cfg.get("context", 0), rms_norm_eps=float(eps["rms_norm_eps"]),
+                   mixer=cfg.get("mixer", "attention"), context=cfg.get("context", 0),
+                   rms_norm_eps=float(eps["rms_norm_eps"]),
                    feature_norm_eps=float(eps["feature_norm_eps"]), extra=cfg.get("parspec_spd", {}) or {}, **ints)
 
     def to_dict(self) -> dict:

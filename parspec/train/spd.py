@@ -102,7 +102,8 @@ def spd_config(args, target: ModelConfig) -> SPDTrainConfig:
         raise ConfigError("--method spd does not take " + ", ".join("--" + g.replace("_", "-") for g in given))
     tc = SPDTrainConfig(
         num_stages=args.num_stages, hidden_size=args.module_hidden_size, intermediate_size=args.intermediate_size,
-        num_heads=args.num_heads or 4, mixer=args.mixer, context=args.context, steps=args.steps, batch_size=args.batch_size,
+        num_heads=args.num_heads or 4, mixer=args.mixer, context=args.context, steps=args.steps,
+        batch_size=args.batch_size,
         max_windows=args.max_windows, lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, heldout=args.heldout, eval_every=args.eval_every, seed=args.seed,
         device=args.device, target_dtype=args.dtype, save_dtype=args.save_dtype, max_bytes=args.max_bytes,
