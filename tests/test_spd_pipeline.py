@@ -363,14 +363,38 @@ def test_stop_strings_cut_as_the_single_engine_cuts(model_factory):
                 assert (g.token_ids, g.text, g.finish_reason, g.stop_reason) == \
                        (w.token_ids, w.text, w.finish_reason, w.stop_reason), (include, drafter is not None)
     engine.drafter = None
-    with pytest.raises(SamplingError, match="min_tokens=2"):
-        engine.generate([{"prompt_token_ids": PROMPTS[0]}], SamplingParams(min_tokens=2, max_tokens=4))
+
+
+@pytest.mark.parametrize("case", ["penalties", "logit_bias", "min_tokens"])
+def test_processed_greedy_equals_the_single_engine(pipeline, target, case):
+    """Penalties, logit_bias and min_tokens change greedy output (vLLM applies them before the
+    argmax): pipelined and SPD verification use the same processed distribution, with each
+    row's output so far, as the single engine. min_tokens: a bias makes EOS the argmax, so
+    only the mask keeps the first six tokens from being EOS."""
+    eos = pipeline.model_config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    fields, base = {"penalties": (dict(repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.3), {}),
+                    "logit_bias": (dict(logit_bias={7: 4.0, 11: -100.0}), {}),
+                    "min_tokens": (dict(min_tokens=6, logit_bias={eos: 8.0}), dict(logit_bias={eos: 8.0}))}[case]
+    make = lambda f: SamplingParams(temperature=0, max_tokens=GREEDY.max_tokens, **f)  # noqa: E731
+    single = LLM(target, **{k: v for k, v in COMMON.items() if k != "block_size"})
+    want = [o.outputs[0].token_ids for o in single.generate(_inputs(PROMPTS), make(fields), use_tqdm=False)]
+    free = [o.outputs[0].token_ids for o in single.generate(_inputs(PROMPTS), make(base), use_tqdm=False)]
+    assert want != free  # the fields matter here
+    if case == "min_tokens":
+        assert all(len(w) >= 6 and eos not in w[:6] for w in want) and any(f[0] == eos for f in free)
+    full = [p + w for p, w in zip(PROMPTS, want)]
+    for drafter in (None, Oracle(full, [len(p) for p in PROMPTS], pipeline.model_config.vocab_size, 3)):
+        pipeline.drafter = drafter
+        got = pipeline.generate(_inputs(PROMPTS), make(fields), use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in got] == want, drafter
+    pipeline.drafter = None
 
 
 def test_unsupported_sampling_is_refused_and_the_pipeline_goes_on(pipeline, reference):
     pipeline.drafter = None
-    with pytest.raises(SamplingError, match="presence_penalty=0.5"):
-        pipeline.generate(_inputs(PROMPTS[:1]), SamplingParams(presence_penalty=0.5))
+    with pytest.raises(SamplingError, match="logprobs=2"):
+        pipeline.generate(_inputs(PROMPTS[:1]), SamplingParams(logprobs=2))
     with pytest.raises(SamplingError, match="n=2"):
         pipeline.generate(_inputs(PROMPTS[:1]), SamplingParams(n=2))
     outs = pipeline.generate(_inputs(PROMPTS[:1]), GREEDY, use_tqdm=False)

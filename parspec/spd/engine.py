@@ -40,7 +40,8 @@ from tqdm import tqdm
 from parspec.config import ConfigError, EngineConfig, ModelConfig, SpeculativeConfig, parse_dtype, read_json
 from parspec.cuda_graphs import GraphCache
 from parspec.kv_cache import BlockManager, OutOfBlocks, kv_bytes_per_block, num_kv_blocks
-from parspec.sampling import BatchSampling, SamplingError, SamplingParams, probs_from_logits
+from parspec.sampling import (BatchSampling, SamplingError, SamplingHistory, SamplingParams, probs_from_logits,
+                              process_logits)
 from parspec.sequence import RequestOutput, Sequence, SpecStats, Status
 from parspec.spd.partition import stage_bounds
 from parspec.spd.pipeline import (CYCLE, DTYPES, HEADER, INIT, KV, PHASE, TIMES, PipelineError, Stage, StageProcesses,
@@ -55,8 +56,7 @@ class RequestError(ValueError):
 
 
 # SamplingParams fields the pipelined engine does not implement, with their neutral value.
-UNSUPPORTED = {"n": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
-               "min_tokens": 0, "logprobs": None, "logit_bias": None}
+UNSUPPORTED = {"n": 1, "logprobs": None}
 
 
 @dataclass
@@ -325,7 +325,7 @@ class PipelineEngine:
         self.channel.set_command_size(cycle_command_size(self.num_stages, self.rows_per_mb))
         self.stage.tables = tables.to(torch.int32).to(self.device)
         params = [r.seq.params for r in rows]
-        self.sampling = BatchSampling.from_params(params, self.device)
+        self.sampling = self._batch_sampling(params, [r.seq for r in rows])
         self.generators = [r.seq.generator for r in rows]
         vocab = self.model_config.vocab_size
         ring = self.num_stages + 1
@@ -358,7 +358,8 @@ class PipelineEngine:
         back, work = self.channel.recv(out.shape, self.dtype, self.num_stages - 1)
         self.channel.wait(work, host=self.device.type == "cpu")
         last = back[to_device(cu[1:], torch.int64, self.device) - 1]  # [B, 2, H]
-        tokens, _ = self._verify(self._logits(last), list(range(len(rows))), [None] * len(rows))
+        tokens, _ = self._verify(self._logits(last), list(range(len(rows))), [None] * len(rows),
+                                 [r.seq for r in rows])
         now = time.perf_counter()
         for r, t in zip(rows, tokens.tolist()):
             r.exit_token = r.seq.token_ids[-1]
@@ -636,13 +637,18 @@ class PipelineEngine:
         r_count, vocab = logits.shape
         has = to_device([d is not None for d in drafts], torch.int32, self.device)
         draft_ids = to_device([[d.token if d is not None else 0] for d in drafts], torch.int64, self.device)
-        target = logits[:, None].expand(r_count, 2, vocab)
         gens = [s.generator for s in seqs] if seqs is not None else self.generators
-        sampling = self.sampling if self.sampling.all_greedy else self._sampling_rows(seqs)
+        plain = self.sampling.all_greedy and not self.sampling.needs_processing
+        sampling = self.sampling if plain or seqs is None else self._batch_sampling([s.params for s in seqs], seqs)
+        # min_tokens, logit_bias and the penalties, with each row's output so far (the verified
+        # position follows it): the distribution the non-speculative sampler would use
+        history = SamplingHistory.build([s.output_token_ids for s in seqs], r_count, vocab, self.device) \
+            if sampling.needs_history else None
+        target = process_logits(logits[:, None], sampling, history)  # [R, 1, V] float32
         if sampling.all_greedy:
-            out, acc = verify_greedy(draft_ids, has, target.contiguous())
+            out, acc = verify_greedy(draft_ids, has, target.expand(r_count, 2, vocab).contiguous())
         else:
-            p = probs_from_logits(logits[:, None], sampling)
+            p = probs_from_logits(target, sampling)
             q = torch.zeros(r_count, 1, vocab, dtype=torch.float32, device=self.device)
             picked = [(i, d.entered % (self.num_stages + 1), row) for i, (row, d) in enumerate(zip(rows, drafts))
                       if d is not None]
@@ -653,10 +659,10 @@ class PipelineEngine:
             out, acc = verify_rejection(draft_ids, has, q, torch.cat([p, p], dim=1), uniforms, noise)
         return out[:, 0], acc
 
-    def _sampling_rows(self, seqs: list[Sequence] | None) -> BatchSampling:
-        if seqs is None:
-            return self.sampling
-        return BatchSampling.from_params([s.params for s in seqs], self.device)
+    def _batch_sampling(self, params: list[SamplingParams], seqs: list[Sequence]) -> BatchSampling:
+        prompts = [s.token_ids[:s.num_prompt_tokens] if s.params.repetition_penalty != 1 else [] for s in seqs]
+        return BatchSampling.from_params(params, self.device, prompts=prompts, vocab_size=self.model_config.vocab_size,
+                                         eos_token_ids=self.eos_token_ids)
 
     def _emit(self, row: _Row, token: int) -> None:
         seq = row.seq
