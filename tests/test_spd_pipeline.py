@@ -27,7 +27,7 @@ from parspec.attention import AttentionMetadata
 from parspec.config import ConfigError, EngineConfig
 from parspec.kv_cache import allocate_kv_cache, bind_kv_cache
 from parspec.loader import load_model
-from parspec.sampling import BatchSampling, SamplingError, probs_from_logits
+from parspec.sampling import BatchSampling, SamplingError, SamplingHistory, probs_from_logits, process_logits
 from parspec.spd.engine import PipelineEngine
 from parspec.spd.pipeline import PipelineError, free_port
 
@@ -408,29 +408,39 @@ SAMPLED = SamplingParams(temperature=0.9, top_k=5, max_tokens=3, ignore_eos=True
 BOUND = 0.5 * math.sqrt(V ** 3 / N) + math.sqrt(math.log(1e6) / (2 * N))
 
 
-def exact_joint(hf) -> torch.Tensor:
-    sampling = BatchSampling.from_params([SAMPLED], "cpu")
+# The penalties read the output so far, so each position's distribution follows the tokens before it.
+PENALIZED = SamplingParams(temperature=0.9, top_k=5, max_tokens=3, ignore_eos=True, presence_penalty=0.8,
+                           frequency_penalty=0.5, repetition_penalty=1.3)
+
+
+def exact_joint(hf, params: SamplingParams = SAMPLED) -> torch.Tensor:
+    sampling = BatchSampling.from_params([params], "cpu", prompts=[PROMPT], vocab_size=V)
     joint = torch.zeros(V, V, V, dtype=torch.float64)
     with torch.no_grad():
         for t1, t2 in itertools.product(range(V), range(V)):
             logits = hf(torch.tensor([PROMPT + [t1, t2]])).logits[0, -3:].float()
-            p = probs_from_logits(logits[None], sampling)[0].double()
-            joint[t1, t2] = p[0, t1] * p[1, t2] * p[2]
+            p = [probs_from_logits(process_logits(logits[j][None, None], sampling,
+                                                  SamplingHistory.build([[t1, t2][:j]], 1, V, "cpu")), sampling)[0, 0]
+                 .double() for j in range(3)]
+            joint[t1, t2] = p[0][t1] * p[1][t2] * p[2]
     return joint.flatten()
 
 
-def test_sampled_spd_has_the_target_distribution(model_factory):
+@pytest.mark.parametrize("params", [SAMPLED, PENALIZED], ids=["plain", "penalties"])
+def test_sampled_spd_has_the_target_distribution(model_factory, params):
     path, hf = model_factory("llama", seed=5, vocab_size=V, tokenizer=False, hidden_size=32, intermediate_size=48,
                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
     torch.manual_seed(0)
     engine = start(path, 2, max_num_seqs=N, max_model_len=16)
     engine.drafter = RandomNet(V, 32, 3, seed=1)
-    outs = engine.generate(_inputs([PROMPT] * N), SAMPLED, use_tqdm=False)
+    outs = engine.generate(_inputs([PROMPT] * N), params, use_tqdm=False)
     counts = torch.zeros(V ** 3, dtype=torch.float64)
     for o in outs:
         a, b, c = o.outputs[0].token_ids
         counts[a * V * V + b * V + c] += 1
-    exact = exact_joint(hf)
+    exact = exact_joint(hf, params)
+    if params is PENALIZED:  # the penalties move the distribution well past the test's resolution
+        assert 0.5 * (exact - exact_joint(hf)).abs().sum().item() > 3 * BOUND
     stats = engine.stats
     assert 0.05 < stats.num_accepted_tokens / stats.num_draft_tokens < 0.95  # both paths ran
     assert 0.5 * (counts / N - exact).abs().sum().item() < BOUND
