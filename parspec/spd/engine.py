@@ -41,8 +41,8 @@ from parspec.config import ConfigError, EngineConfig, ModelConfig, SpeculativeCo
 from parspec.cuda_graphs import GraphCache
 from parspec.kv_cache import BlockManager, OutOfBlocks, kv_bytes_per_block, num_kv_blocks
 from parspec.sampling import (BatchSampling, SamplingError, SamplingHistory, SamplingParams, probs_from_logits,
-                              process_logits)
-from parspec.sequence import RequestOutput, Sequence, SpecStats, Status
+                              process_logits, token_logprobs, unpack_logprobs)
+from parspec.sequence import RequestOutput, Sequence, SpecStats, Status, TokenLogprob
 from parspec.spd.partition import stage_bounds
 from parspec.spd.pipeline import (CYCLE, DTYPES, HEADER, INIT, KV, PHASE, TIMES, PipelineError, Stage, StageProcesses,
                                   cycle_command_size, launched_by_torchrun, prefill_payload, serve_stage,
@@ -56,7 +56,7 @@ class RequestError(ValueError):
 
 
 # SamplingParams fields the pipelined engine does not implement, with their neutral value.
-UNSUPPORTED = {"n": 1, "logprobs": None}
+UNSUPPORTED = {"n": 1}
 
 
 @dataclass
@@ -358,13 +358,15 @@ class PipelineEngine:
         back, work = self.channel.recv(out.shape, self.dtype, self.num_stages - 1)
         self.channel.wait(work, host=self.device.type == "cpu")
         last = back[to_device(cu[1:], torch.int64, self.device) - 1]  # [B, 2, H]
-        tokens, _ = self._verify(self._logits(last), list(range(len(rows))), [None] * len(rows),
-                                 [r.seq for r in rows])
+        tokens, _, packed = self._verify(self._logits(last), list(range(len(rows))), [None] * len(rows),
+                                         [r.seq for r in rows])
+        host = torch.cat([tokens] if packed is None else [tokens, packed.flatten()]).tolist()
+        logprobs = self._unpack_logprobs(host[len(rows):], [r.seq for r in rows], host[:len(rows)])
         now = time.perf_counter()
-        for r, t in zip(rows, tokens.tolist()):
+        for i, (r, t) in enumerate(zip(rows, host[:len(rows)])):
             r.exit_token = r.seq.token_ids[-1]
             r.seq.first_token_time = now
-            self._emit(r, t)
+            self._emit(r, t, logprobs[i])
             if not r.done:
                 r.to_enter = t
         self.exit_feat = last.sum(dim=1)  # x_p at depth n, per row (SPD's window)
@@ -471,25 +473,28 @@ class PipelineEngine:
                 self._read_drafts(mb_rows, None)
             return
         pairs = exit_pair[idx]
-        tokens, accepted = self._verify(self._logits(pairs), [r.index if self.spd else None for r in valid],
-                                        drafts, [r.seq for r in valid])
+        tokens, accepted, packed = self._verify(self._logits(pairs), [r.index if self.spd else None for r in valid],
+                                                drafts, [r.seq for r in valid])
+        verdicts = torch.cat([tokens, accepted.long()] + ([] if packed is None else [packed.flatten()]))
         if self.spd:
-            host = self._read_drafts(mb_rows, torch.cat([tokens, accepted.long()]))
-            tokens_h, acc_h = host[:len(valid)], host[len(valid):]
+            host = self._read_drafts(mb_rows, verdicts)
         else:
             t0 = self._clock()
-            tokens_h, acc_h = torch.stack([tokens, accepted.long()]).tolist()
+            host = verdicts.tolist()
             self.times.read_s += self._clock() - t0
-        for r, draft, t, acc in zip(valid, drafts, tokens_h, acc_h):
+        k = len(valid)
+        tokens_h, acc_h = host[:k], host[k:2 * k]
+        logprobs = self._unpack_logprobs(host[2 * k:], [r.seq for r in valid], tokens_h)
+        for r, draft, t, acc, lp in zip(valid, drafts, tokens_h, acc_h, logprobs):
             if draft is not None:
                 r.seq.spec.record(1, int(acc))
                 self.stats.record(1, int(acc))
                 if acc:
                     draft.emitted = True
-                    self._emit(r, draft.token)
+                    self._emit(r, draft.token, lp)
                     continue
                 r.inflight.clear()  # the rejected draft and everything behind it
-            self._emit(r, t)
+            self._emit(r, t, lp)
             if not r.done:
                 r.to_enter = t
 
@@ -638,7 +643,7 @@ class PipelineEngine:
         has = to_device([d is not None for d in drafts], torch.int32, self.device)
         draft_ids = to_device([[d.token if d is not None else 0] for d in drafts], torch.int64, self.device)
         gens = [s.generator for s in seqs] if seqs is not None else self.generators
-        plain = self.sampling.all_greedy and not self.sampling.needs_processing
+        plain = self.sampling.all_greedy and not self.sampling.needs_processing and self.sampling.max_logprobs < 0
         sampling = self.sampling if plain or seqs is None else self._batch_sampling([s.params for s in seqs], seqs)
         # min_tokens, logit_bias and the penalties, with each row's output so far (the verified
         # position follows it): the distribution the non-speculative sampler would use
@@ -657,16 +662,34 @@ class PipelineEngine:
                 q[i, 0] = self.q_ring[slot, row]
             uniforms, noise = draw_verification_noise(r_count, 1, vocab, gens, self.device)
             out, acc = verify_rejection(draft_ids, has, q, torch.cat([p, p], dim=1), uniforms, noise)
-        return out[:, 0], acc
+        # the emitted token's logprob under the raw logits (vLLM's default), when a row asked
+        packed = None if sampling.max_logprobs < 0 else token_logprobs(logits[:, None], out[:, :1],
+                                                                         sampling.max_logprobs)[:, 0]
+        return out[:, 0], acc, packed
+
+    @staticmethod
+    def _unpack_logprobs(ints: list[int], seqs: list[Sequence], tokens: list[int]) -> list[TokenLogprob | None]:
+        """Host ints of ``token_logprobs``' layout (one row per sequence) -> each sequence's
+        entry for its emitted token ``tokens[i]`` (None where it did not ask, or nobody did)."""
+        if not ints:
+            return [None] * len(seqs)
+        logprob, rank, top_ids, top_lp = (x.tolist() for x in unpack_logprobs(
+            torch.tensor(ints, dtype=torch.int64).view(len(seqs), -1)))
+        return [None if s.params.logprobs is None else
+                TokenLogprob(tokens[i], logprob[i], rank[i],
+                             list(zip(top_ids[i][:s.params.logprobs], top_lp[i][:s.params.logprobs])))
+                for i, s in enumerate(seqs)]
 
     def _batch_sampling(self, params: list[SamplingParams], seqs: list[Sequence]) -> BatchSampling:
         prompts = [s.token_ids[:s.num_prompt_tokens] if s.params.repetition_penalty != 1 else [] for s in seqs]
         return BatchSampling.from_params(params, self.device, prompts=prompts, vocab_size=self.model_config.vocab_size,
                                          eos_token_ids=self.eos_token_ids)
 
-    def _emit(self, row: _Row, token: int) -> None:
+    def _emit(self, row: _Row, token: int, logprob: TokenLogprob | None = None) -> None:
         seq = row.seq
         seq.token_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
         reason = seq.check_stop(token, self.eos_token_ids, self.max_model_len)
         if reason is not None:
             row.done = True
