@@ -412,12 +412,34 @@ def test_logprobs_equal_the_single_engines(pipeline, target, reference):
     pipeline.drafter = None
 
 
-def test_unsupported_sampling_is_refused_and_the_pipeline_goes_on(pipeline, reference):
+def test_bad_sampling_is_refused_and_the_pipeline_goes_on(pipeline, reference):
     pipeline.drafter = None
-    with pytest.raises(SamplingError, match="n=2"):
-        pipeline.generate(_inputs(PROMPTS[:1]), SamplingParams(n=2))
+    vocab = pipeline.model_config.vocab_size
+    with pytest.raises(SamplingError, match=f"logit_bias has token ids out of the vocabulary.*{vocab + 3}"):
+        pipeline.generate(_inputs(PROMPTS[:1]), SamplingParams(logit_bias={vocab + 3: 1.0}))
     outs = pipeline.generate(_inputs(PROMPTS[:1]), GREEDY, use_tqdm=False)
     assert outs[0].outputs[0].token_ids == reference[0]
+
+
+def test_n_completions_per_prompt(pipeline, reference):
+    """n > 1: one RequestOutput per prompt with n completions in index order; seeded completion
+    i samples with seed + i, so completion 0 repeats the n = 1 request."""
+    sampled = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True, seed=5, n=3)
+    for drafter in (None, RandomNet(pipeline.model_config.vocab_size, pipeline.model_config.hidden_size,
+                                    pipeline.num_stages + 1)):
+        pipeline.drafter = drafter
+        outs = pipeline.generate(_inputs(PROMPTS[:2]), sampled, use_tqdm=False)
+        assert len(outs) == 2 and [len(o.outputs) for o in outs] == [3, 3]
+        assert [c.index for c in outs[0].outputs] == [0, 1, 2]
+        texts = [tuple(c.token_ids) for c in outs[0].outputs]
+        assert len(set(texts)) == 3  # different seeds, different completions
+        one = pipeline.generate(_inputs(PROMPTS[:1]), SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True,
+                                                                     seed=5), use_tqdm=False)
+        assert outs[0].outputs[0].token_ids == one[0].outputs[0].token_ids
+    greedy = pipeline.generate(_inputs(PROMPTS[:1]), SamplingParams(temperature=0, max_tokens=14, ignore_eos=True,
+                                                                    n=2), use_tqdm=False)
+    assert [c.token_ids for c in greedy[0].outputs] == [reference[0]] * 2
+    pipeline.drafter = None
 
 
 # --- sampling: the target's distribution ------------------------------------------------------

@@ -55,9 +55,6 @@ class RequestError(ValueError):
     """A request the pipelined engine cannot serve (bad prompt, unsupported sampling field)."""
 
 
-# SamplingParams fields the pipelined engine does not implement, with their neutral value.
-UNSUPPORTED = {"n": 1}
-
 
 @dataclass
 class _Slot:
@@ -221,12 +218,10 @@ class PipelineEngine:
         self._finalizer()
 
     # --- requests -------------------------------------------------------------------------
-    def _make_sequence(self, prompt, params: SamplingParams) -> Sequence:
+    def _make_sequences(self, prompt, params: SamplingParams) -> list[Sequence]:
+        """One request's ``params.n`` completions (completion i seeded with seed + i)."""
         if not isinstance(params, SamplingParams):
             raise RequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        for name, neutral in UNSUPPORTED.items():
-            if getattr(params, name) != neutral:
-                raise SamplingError(f"the pipelined engine does not support {name}={getattr(params, name)!r}")
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             ids, text = list(prompt["prompt_token_ids"]), prompt.get("prompt")
         elif isinstance(prompt, str):
@@ -246,13 +241,19 @@ class PipelineEngine:
             raise RequestError(f"the prompt has {len(ids)} tokens, max_model_len is {self.max_model_len}")
         if params.stop and self.tokenizer is None:
             raise RequestError(f"stop strings {params.stop!r} need a tokenizer (skip_tokenizer_init=True)")
-        seq = Sequence(ids, params, None, text, tokenizer=self.tokenizer)
-        if seq.seed is not None:
-            seq.generator = torch.Generator(self.device).manual_seed(seq.seed)
-        return seq
+        bad_bias = [t for t in params.logit_bias or {} if t >= vocab]
+        if bad_bias:
+            raise SamplingError(f"logit_bias has token ids out of the vocabulary [0, {vocab}): {bad_bias[:5]}")
+        first = Sequence(ids, params, None, text, tokenizer=self.tokenizer)
+        seqs = [first] + [Sequence(ids, params, first.request_id, text, i, self.tokenizer) for i in range(1, params.n)]
+        for seq in seqs:
+            if seq.seed is not None:
+                seq.generator = torch.Generator(self.device).manual_seed(seq.seed)
+        return seqs
 
     def generate(self, prompts, params, use_tqdm: bool = True) -> list[RequestOutput]:
-        """Runs ``prompts`` to the end, ``max_num_seqs`` at a time; one RequestOutput each."""
+        """Runs ``prompts`` to the end, ``max_num_seqs`` completions at a time; one RequestOutput
+        per prompt (with ``params.n`` completions)."""
         if self.procs.closed:
             raise PipelineError(self.procs.failure or "the pipeline has been shut down")
         if isinstance(prompts, (str, dict)):
@@ -264,7 +265,8 @@ class PipelineEngine:
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise RequestError(f"{len(prompts)} prompts but {len(params)} sampling params")
-        seqs = [self._make_sequence(p, sp) for p, sp in zip(prompts, params)]
+        groups = [self._make_sequences(p, sp) for p, sp in zip(prompts, params)]
+        seqs = [s for group in groups for s in group]
         size = self.cfg.max_num_seqs
         try:
             with tqdm(total=len(seqs), desc="generate", disable=not use_tqdm, unit="req") as self._bar:
@@ -277,7 +279,7 @@ class PipelineEngine:
             self.procs.failure = self.procs.failure or f"the pipeline stopped after an error in generate(): {e!r}"
             self.shutdown()
             raise
-        return [RequestOutput.from_sequence(s, self.spd) for s in seqs]
+        return [RequestOutput.from_sequences(group, self.spd) for group in groups]
 
     @property
     def spd(self) -> bool:
