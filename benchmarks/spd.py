@@ -18,9 +18,10 @@ HumanEval prompts, greedy, ``--max-tokens`` new tokens with eos ignored, concurr
 max_num_seqs (the first max(--prompts, c) prompts). Each cell runs the workload once to
 warm up (Triton compiles, CUDA-graph captures) and then ``--repeats`` timed runs (median).
 Reported per cell: output tokens/s, acceptance (drafts accepted / drafted), greedy
-agreement with ``single``, and for the pipelined cells the per-cycle breakdown (cycle
-time, slowest stage, SPD module, transfer + host = cycle - slowest stage). The JSON holds
-device, commit and parameters; a PNG plot is written beside it."""
+agreement with ``single`` (and per prompt the first differing position), and for the
+pipelined cells the per-cycle breakdown (cycle time, slowest stage, SPD module, transfer +
+host = cycle - slowest stage, rank 0's host time). The JSON holds device, commit and
+parameters; a PNG plot is written beside it."""
 
 from __future__ import annotations
 
@@ -128,6 +129,11 @@ def run_cell(method, target, pair_root, args, device, c, prompt_ids, baseline) -
         if baseline is not None:
             same = sum(a == b for a, b in zip(tokens, baseline))
             cell["greedy_equal_to_single"] = f"{same}/{len(tokens)}"
+            # per prompt, the first output position that differs (None: equal): a bf16 near-tie
+            # diverges late and rarely, a bug early and everywhere
+            cell["first_divergence"] = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y),
+                                             None if len(a) == len(b) else min(len(a), len(b)))
+                                        for a, b in zip(tokens, baseline)]
         return cell, tokens
     finally:
         _release(llm)
