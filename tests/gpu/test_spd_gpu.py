@@ -50,3 +50,24 @@ def test_pipelined_and_spd_equal_single_gpu_greedy(dtype, concurrency):
     assert plain == single
     same = sum(a == b for a, b in zip(spd, single))
     assert same == len(single), f"SPD equals the single-GPU engine on {same} of {len(single)} prompts"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_spd_graphs_on_and_off_give_identical_output(dtype):
+    """The stage cycles and the SPD module as CUDA graphs or eagerly: the same kernels on the
+    same padded shapes, so the same tokens, greedy and seeded-sampled."""
+    from parspec import LLM, SamplingParams
+
+    spd = {"method": "spd", "model": os.path.join(FIX, "spd-2")}
+    outs = []
+    for eager in (True, False):
+        llm = LLM(TARGET, dtype=dtype, device="cuda", max_num_seqs=4, max_model_len=512, enforce_eager=eager,
+                  pipeline_parallel_size=2, speculative_config=spd)
+        try:
+            greedy = SamplingParams(temperature=0.0, max_tokens=96, ignore_eos=True)
+            sampled = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=48, ignore_eos=True, seed=3)
+            outs.append([[o.outputs[0].token_ids for o in llm.generate(_prompts(4), p, use_tqdm=False)]
+                         for p in (greedy, sampled)])
+        finally:
+            llm.engine.shutdown()
+    assert outs[0] == outs[1]
