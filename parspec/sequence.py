@@ -208,6 +208,11 @@ class Sequence:
         return self.token_ids[-1]
 
     @property
+    def penalized_prompt(self) -> list[int]:
+        """The prompt a repetition penalty reads (none without one, so nothing is copied)."""
+        return self.token_ids[:self.num_prompt_tokens] if self.params.repetition_penalty != 1 else []
+
+    @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
 

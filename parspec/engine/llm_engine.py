@@ -38,6 +38,44 @@ class RequestError(ValueError):
     """A request is malformed (prompt too long, bad token ids, ...); the engine stays usable."""
 
 
+def make_completions(prompt, params: SamplingParams, tokenizer, vocab_size: int, max_model_len: int, device,
+                     request_id: str | None = None) -> list[Sequence]:
+    """A request checked at the boundary (every engine's: bad input is named here) and its
+    ``params.n`` completions, each a Sequence with its ``index``; completion i samples with
+    seed + i."""
+    if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+        token_ids, text = list(prompt["prompt_token_ids"]), prompt.get("prompt")
+    elif isinstance(prompt, str):
+        if tokenizer is None:
+            raise RequestError("text prompts need a tokenizer (skip_tokenizer_init=True): "
+                               "pass {'prompt_token_ids': [...]}")
+        token_ids, text = tokenizer.encode(prompt), prompt
+    else:
+        raise RequestError(f"a prompt is a string or {{'prompt_token_ids': [...]}}, got {prompt!r:.80}")
+    if not token_ids:
+        raise RequestError("the prompt is empty")
+    bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab_size]
+    if bad:
+        raise RequestError(f"prompt token ids out of range [0, {vocab_size}): {bad[:5]}")
+    if len(token_ids) >= max_model_len:
+        raise RequestError(f"the prompt has {len(token_ids)} tokens, max_model_len is {max_model_len} "
+                           "(room for at least one generated token is needed)")
+    if not isinstance(params, SamplingParams):
+        raise RequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+    bad_bias = [t for t in params.logit_bias or {} if t >= vocab_size]
+    if bad_bias:
+        raise SamplingError(f"logit_bias has token ids out of the vocabulary [0, {vocab_size}): {bad_bias[:5]}")
+    if params.stop and tokenizer is None:
+        raise RequestError(f"stop strings {params.stop!r} need a tokenizer (skip_tokenizer_init=True); "
+                           "use stop_token_ids")
+    first = Sequence(token_ids, params, request_id, text, 0, tokenizer)
+    seqs = [first] + [Sequence(token_ids, params, first.request_id, text, i, tokenizer) for i in range(1, params.n)]
+    for seq in seqs:
+        if seq.seed is not None:
+            seq.generator = torch.Generator(device).manual_seed(seq.seed)
+    return seqs
+
+
 class StepError(RuntimeError):
     """A step failed. The requests it ran (``request_ids``) are finished with finish_reason
     "error" and their blocks freed; every other request goes on with the next step()."""
@@ -158,49 +196,18 @@ class LLMEngine:
     def add_request(self, prompt, params: SamplingParams, request_id: str | None = None) -> Sequence:
         """Queues a request: ``params.n`` completions under one request_id (each a Sequence with
         its ``index``). Returns completion 0; ``completions(request_id)`` lists them all."""
-        token_ids, text = self._prompt_tokens(prompt)
-        if not token_ids:
-            raise RequestError("the prompt is empty")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
-        if len(token_ids) >= self.max_model_len:
-            raise RequestError(f"the prompt has {len(token_ids)} tokens, max_model_len is {self.max_model_len} "
-                               "(room for at least one generated token is needed)")
-        if not isinstance(params, SamplingParams):
-            raise RequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        bad_bias = [t for t in params.logit_bias or {} if t >= vocab]
-        if bad_bias:
-            raise SamplingError(f"logit_bias has token ids out of the vocabulary [0, {vocab}): {bad_bias[:5]}")
-        if params.stop and self.tokenizer is None:
-            raise RequestError(f"stop strings {params.stop!r} need a tokenizer (skip_tokenizer_init=True); "
-                               "use stop_token_ids")
+        seqs = make_completions(prompt, params, self.tokenizer, self.model_config.vocab_size, self.max_model_len,
+                                self.device, request_id)
         if request_id is not None and request_id in self._requests:
             raise RequestError(f"request id {request_id!r} is already in use by an unfinished request")
-        first = Sequence(token_ids, params, request_id, text, 0, self.tokenizer)
-        seqs = [first] + [Sequence(token_ids, params, first.request_id, text, i, self.tokenizer)
-                          for i in range(1, params.n)]
         for seq in seqs:
-            if seq.seed is not None:
-                seq.generator = torch.Generator(self.device).manual_seed(seq.seed)
             self.scheduler.add(seq)
-        self._requests[first.request_id] = seqs
-        return first
+        self._requests[seqs[0].request_id] = seqs
+        return seqs[0]
 
     def completions(self, request_id: str) -> list[Sequence]:
         """An unfinished request's completions in index order ([] once all have finished)."""
         return list(self._requests.get(request_id, ()))
-
-    def _prompt_tokens(self, prompt) -> tuple[list[int], str | None]:
-        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            return list(prompt["prompt_token_ids"]), prompt.get("prompt")
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise RequestError("text prompts need a tokenizer (skip_tokenizer_init=True): "
-                                   "pass {'prompt_token_ids': [...]}")
-            return self.tokenizer.encode(prompt), prompt
-        raise RequestError(f"a prompt is a string or {{'prompt_token_ids': [...]}}, got {prompt!r:.80}")
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work()

@@ -242,7 +242,7 @@ class ModelRunner:
         if key != self._sampling_key:
             self._sampling_key = key
             self._sampling = BatchSampling.from_params([s.params for s in seqs], self.device, rows,
-                                                       prompts=[_penalized_prompt(s) for s in seqs],
+                                                       prompts=[s.penalized_prompt for s in seqs],
                                                        vocab_size=self.vocab_size, eos_token_ids=self.eos_token_ids)
         return self._sampling
 
@@ -258,8 +258,3 @@ def _widen(out: torch.Tensor, aux: torch.Tensor | None, logprobs: torch.Tensor |
     if logprobs is not None:
         logprobs = torch.nn.functional.pad(logprobs, (0, 0, 0, width - q))
     return out, aux, logprobs
-
-
-def _penalized_prompt(seq: Sequence) -> list[int]:
-    """The prompt a repetition penalty reads (none without one, so nothing is copied)."""
-    return seq.token_ids[:seq.num_prompt_tokens] if seq.params.repetition_penalty != 1 else []

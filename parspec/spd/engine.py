@@ -39,8 +39,9 @@ from tqdm import tqdm
 
 from parspec.config import ConfigError, EngineConfig, ModelConfig, SpeculativeConfig, parse_dtype, read_json
 from parspec.cuda_graphs import GraphCache
+from parspec.engine.llm_engine import LLMEngine, RequestError, make_completions
 from parspec.kv_cache import BlockManager, OutOfBlocks, kv_bytes_per_block, num_kv_blocks
-from parspec.sampling import (BatchSampling, SamplingError, SamplingHistory, SamplingParams, probs_from_logits,
+from parspec.sampling import (BatchSampling, SamplingHistory, SamplingParams, probs_from_logits,
                               process_logits, token_logprobs, unpack_logprobs)
 from parspec.sequence import RequestOutput, Sequence, SpecStats, Status, TokenLogprob
 from parspec.spd.partition import stage_bounds
@@ -49,10 +50,6 @@ from parspec.spd.pipeline import (CYCLE, DTYPES, HEADER, INIT, KV, PHASE, TIMES,
                                   unpack_prefill)
 from parspec.speculative.verify import draw_verification_noise, verify_greedy, verify_rejection
 from parspec.transfer import to_device
-
-
-class RequestError(ValueError):
-    """A request the pipelined engine cannot serve (bad prompt, unsupported sampling field)."""
 
 
 
@@ -136,7 +133,6 @@ class PipelineEngine:
             _check_module_dir(self.spec_config.model, n, self.bounds)
         self.device = _rank0_device(cfg)
         self.dtype = _resolve_dtype(cfg.dtype, model_cfg, self.device)
-        from parspec.engine.llm_engine import LLMEngine
         self.max_model_len = LLMEngine._resolve_max_model_len(cfg.max_model_len, model_cfg)
         self.max_positions = self.max_model_len + n + 2  # drafts run up to n positions past the output
         self.k = 1
@@ -218,39 +214,6 @@ class PipelineEngine:
         self._finalizer()
 
     # --- requests -------------------------------------------------------------------------
-    def _make_sequences(self, prompt, params: SamplingParams) -> list[Sequence]:
-        """One request's ``params.n`` completions (completion i seeded with seed + i)."""
-        if not isinstance(params, SamplingParams):
-            raise RequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            ids, text = list(prompt["prompt_token_ids"]), prompt.get("prompt")
-        elif isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise RequestError("text prompts need a tokenizer (skip_tokenizer_init=True): "
-                                   "pass {'prompt_token_ids': [...]}")
-            ids, text = self.tokenizer.encode(prompt), prompt
-        else:
-            raise RequestError(f"a prompt is a string or {{'prompt_token_ids': [...]}}, got {prompt!r:.80}")
-        vocab = self.model_config.vocab_size
-        if not ids:
-            raise RequestError("the prompt is empty")
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
-        if len(ids) >= self.max_model_len:
-            raise RequestError(f"the prompt has {len(ids)} tokens, max_model_len is {self.max_model_len}")
-        if params.stop and self.tokenizer is None:
-            raise RequestError(f"stop strings {params.stop!r} need a tokenizer (skip_tokenizer_init=True)")
-        bad_bias = [t for t in params.logit_bias or {} if t >= vocab]
-        if bad_bias:
-            raise SamplingError(f"logit_bias has token ids out of the vocabulary [0, {vocab}): {bad_bias[:5]}")
-        first = Sequence(ids, params, None, text, tokenizer=self.tokenizer)
-        seqs = [first] + [Sequence(ids, params, first.request_id, text, i, self.tokenizer) for i in range(1, params.n)]
-        for seq in seqs:
-            if seq.seed is not None:
-                seq.generator = torch.Generator(self.device).manual_seed(seq.seed)
-        return seqs
-
     def generate(self, prompts, params, use_tqdm: bool = True) -> list[RequestOutput]:
         """Runs ``prompts`` to the end, ``max_num_seqs`` completions at a time; one RequestOutput
         per prompt (with ``params.n`` completions)."""
@@ -265,7 +228,8 @@ class PipelineEngine:
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise RequestError(f"{len(prompts)} prompts but {len(params)} sampling params")
-        groups = [self._make_sequences(p, sp) for p, sp in zip(prompts, params)]
+        groups = [make_completions(p, sp, self.tokenizer, self.model_config.vocab_size, self.max_model_len,
+                                   self.device) for p, sp in zip(prompts, params)]
         seqs = [s for group in groups for s in group]
         size = self.cfg.max_num_seqs
         try:
@@ -326,8 +290,7 @@ class PipelineEngine:
         self.channel.command([PHASE, self.num_mb, self.rows_per_mb, width], tables.flatten())
         self.channel.set_command_size(cycle_command_size(self.num_stages, self.rows_per_mb))
         self.stage.tables = tables.to(torch.int32).to(self.device)
-        params = [r.seq.params for r in rows]
-        self.sampling = self._batch_sampling(params, [r.seq for r in rows])
+        self.sampling = self._batch_sampling([r.seq for r in rows])
         self.generators = [r.seq.generator for r in rows]
         vocab = self.model_config.vocab_size
         ring = self.num_stages + 1
@@ -478,12 +441,7 @@ class PipelineEngine:
         tokens, accepted, packed = self._verify(self._logits(pairs), [r.index if self.spd else None for r in valid],
                                                 drafts, [r.seq for r in valid])
         verdicts = torch.cat([tokens, accepted.long()] + ([] if packed is None else [packed.flatten()]))
-        if self.spd:
-            host = self._read_drafts(mb_rows, verdicts)
-        else:
-            t0 = self._clock()
-            host = verdicts.tolist()
-            self.times.read_s += self._clock() - t0
+        host = self._read_drafts(mb_rows, verdicts) if self.spd else self._host_read(verdicts)
         k = len(valid)
         tokens_h, acc_h = host[:k], host[k:2 * k]
         logprobs = self._unpack_logprobs(host[2 * k:], [r.seq for r in valid], tokens_h)
@@ -504,17 +462,22 @@ class PipelineEngine:
         """The cycle's one host read: the module's drafts (for the rows' next entries) and
         ``extra`` (the verified tokens) together. Returns ``extra`` on the host."""
         if self.drafts is None:
-            return [] if extra is None else extra.tolist()
+            return [] if extra is None else self._host_read(extra)
         if self.module_stream is not None:  # the drafts (and their q) come from the module's stream
             torch.cuda.current_stream(self.device).wait_stream(self.module_stream)
         packed = self.drafts if extra is None else torch.cat([extra, self.drafts])
-        t0 = self._clock()
-        values = packed.tolist()
-        self.times.read_s += self._clock() - t0
+        values = self._host_read(packed)
         split = 0 if extra is None else extra.numel()
         self.drafts_host = values[split:]
         self.drafts = None
         return values[:split]
+
+    def _host_read(self, values: torch.Tensor) -> list:
+        """A cycle's one host read, timed (the wait is the GPUs' and the links', not the host's)."""
+        t0 = self._clock()
+        out = values.tolist()
+        self.times.read_s += self._clock() - t0
+        return out
 
     def _enter(self, c: int, rows: list[_Row], ready: deque) -> _Slot | None:
         """What enters stage 0 this cycle. SPD: for every live row, the target's token if it just
@@ -637,16 +600,17 @@ class PipelineEngine:
         return model.compute_logits(hidden)
 
     def _verify(self, logits: torch.Tensor, rows: list[int | None], drafts: list[_Token | None],
-                seqs: list[Sequence] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Each row's next token: with a draft, verification of that one draft (K = 1; the bonus
         is ignored, the next exit brings the logits it needs); without, a plain sample. Returns
-        the emitted tokens [R] and whether the draft was accepted [R]."""
+        the emitted tokens [R], whether the draft was accepted [R], and the emitted tokens'
+        packed logprobs (None when no row asked)."""
         r_count, vocab = logits.shape
         has = to_device([d is not None for d in drafts], torch.int32, self.device)
         draft_ids = to_device([[d.token if d is not None else 0] for d in drafts], torch.int64, self.device)
-        gens = [s.generator for s in seqs] if seqs is not None else self.generators
+        gens = [s.generator for s in seqs]
         plain = self.sampling.all_greedy and not self.sampling.needs_processing and self.sampling.max_logprobs < 0
-        sampling = self.sampling if plain or seqs is None else self._batch_sampling([s.params for s in seqs], seqs)
+        sampling = self.sampling if plain else self._batch_sampling(seqs)
         # min_tokens, logit_bias and the penalties, with each row's output so far (the verified
         # position follows it): the distribution the non-speculative sampler would use
         history = SamplingHistory.build([s.output_token_ids for s in seqs], r_count, vocab, self.device) \
@@ -682,10 +646,10 @@ class PipelineEngine:
                              list(zip(top_ids[i][:s.params.logprobs], top_lp[i][:s.params.logprobs])))
                 for i, s in enumerate(seqs)]
 
-    def _batch_sampling(self, params: list[SamplingParams], seqs: list[Sequence]) -> BatchSampling:
-        prompts = [s.token_ids[:s.num_prompt_tokens] if s.params.repetition_penalty != 1 else [] for s in seqs]
-        return BatchSampling.from_params(params, self.device, prompts=prompts, vocab_size=self.model_config.vocab_size,
-                                         eos_token_ids=self.eos_token_ids)
+    def _batch_sampling(self, seqs: list[Sequence]) -> BatchSampling:
+        return BatchSampling.from_params([s.params for s in seqs], self.device,
+                                         prompts=[s.penalized_prompt for s in seqs],
+                                         vocab_size=self.model_config.vocab_size, eos_token_ids=self.eos_token_ids)
 
     def _emit(self, row: _Row, token: int, logprob: TokenLogprob | None = None) -> None:
         seq = row.seq
