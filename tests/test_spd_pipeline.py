@@ -563,18 +563,25 @@ def test_torchrun_starts_the_stages(target, reference, tmp_path):
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "reference")
 
 
-@pytest.mark.skipif(not os.path.isfile(os.path.join(FIXTURES, "spd-2", "config.json")),
-                    reason="no trained SPD module in fixtures/reference/spd-2")
-def test_trained_spd_module_from_fixtures():
-    """The committed module for 2 stages drives the reference target: lossless, and it drafts
-    well enough to be accepted more often than a random one."""
+def _fixture_reference(max_tokens: int):
+    """The fixture target, engine options, two code prompts, greedy params and the one-process
+    greedy output that the pipelines below must reproduce (any live pipeline shut down first)."""
     while _live:
         _live.pop().shutdown()
     target = os.path.join(FIXTURES, "target")
     kw = dict(dtype="float32", device="cpu", max_model_len=128, max_num_seqs=2)
     prompts = ["def fibonacci(n):\n", "import os\n\ndef list_files(path):\n"]
-    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     plain = [o.outputs[0].token_ids for o in LLM(target, **kw).generate(prompts, params, use_tqdm=False)]
+    return target, kw, prompts, params, plain
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(FIXTURES, "spd-2", "config.json")),
+                    reason="no trained SPD module in fixtures/reference/spd-2")
+def test_trained_spd_module_from_fixtures():
+    """The committed module for 2 stages drives the reference target: lossless, and it drafts
+    well enough to be accepted more often than a random one."""
+    target, kw, prompts, params, plain = _fixture_reference(16)
     llm = LLM(target, pipeline_parallel_size=2, speculative_config={"method": "spd",
                                                                    "model": os.path.join(FIXTURES, "spd-2")}, **kw)
     _live.append(llm.engine)
@@ -590,13 +597,7 @@ def test_four_stages_plain_and_spd_match_single_process():
     stages: plain pipelining and SPD with the committed 4-stage module give the one-process
     tokens. With 4+ ranks gloo relays a command's broadcast through workers; a worker that
     waited on its last sends before reading the command's payload hung the pipeline."""
-    while _live:
-        _live.pop().shutdown()
-    target = os.path.join(FIXTURES, "target")
-    kw = dict(dtype="float32", device="cpu", max_model_len=128, max_num_seqs=2)
-    prompts = ["def fibonacci(n):\n", "import os\n\ndef list_files(path):\n"]
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    plain = [o.outputs[0].token_ids for o in LLM(target, **kw).generate(prompts, params, use_tqdm=False)]
+    target, kw, prompts, params, plain = _fixture_reference(12)
     for spec in (None, {"method": "spd", "model": os.path.join(FIXTURES, "spd-4")}):
         llm = LLM(target, pipeline_parallel_size=4, speculative_config=spec, **kw)
         _live.append(llm.engine)
