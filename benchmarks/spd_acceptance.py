@@ -2,6 +2,13 @@
 
     python benchmarks/spd_acceptance.py --out benchmarks/results/spd_acceptance_cpu_fp32.json \
         [--modules fixtures/reference/spd-2 fixtures/reference/spd-4] [--num-prompts 32 --max-tokens 128]
+    python benchmarks/spd_acceptance.py --out benchmarks/results/spd_eagle3_acceptance_cpu_fp32.json \
+        --eagle3 fixtures/reference/eagle3 --stages 2 4
+
+With ``--eagle3`` an EAGLE-3 head is SPD's drafter instead (``simulate.Eagle3Drafting``: chained
+from the last exited token, the in-flight tokens fed with the head's own hidden states) for
+each ``--stages`` n, the layers split by ``parspec.spd.partition.stage_bounds`` (the modules'
+split); modules run too only when ``--modules`` is given.
 
 For each module (n stages): greedy SPD over HumanEval prompts with ``parspec.spd.simulate``
 (the target run stage by stage on one token, positional KV overwrite, the window rules after
@@ -31,20 +38,26 @@ FIX = os.path.join(REPO, "fixtures", "reference")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--modules", nargs="+", default=[os.path.join(FIX, "spd-2"), os.path.join(FIX, "spd-4")])
+    ap.add_argument("--modules", nargs="+", default=None,
+                    help="SPD module directories (default: spd-2 and spd-4, unless --eagle3 is given)")
+    ap.add_argument("--eagle3", default=None, help="an EAGLE-3 head directory to use as SPD's drafter")
+    ap.add_argument("--stages", nargs="+", type=int, default=[2, 4], help="pipeline sizes n for --eagle3")
     ap.add_argument("--target", default=os.path.join(FIX, "target"))
     ap.add_argument("--prompts", default=os.path.join(REPO, "..", "shared", "data", "humaneval.jsonl"))
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
+    if args.modules is None:
+        args.modules = [] if args.eagle3 else [os.path.join(FIX, "spd-2"), os.path.join(FIX, "spd-4")]
     commit = git_commit()
     torch.set_num_threads(args.threads)
 
     from parspec import LLM, SamplingParams
     from parspec.loader import load_model
     from parspec.spd.module import SPDModule
-    from parspec.spd.simulate import simulate_sequence, summarize
+    from parspec.spd.partition import stage_bounds
+    from parspec.spd.simulate import Eagle3Drafting, simulate_sequence, summarize
     from parspec.tokenizer import Tokenizer
 
     tok = Tokenizer(args.target)
@@ -57,25 +70,37 @@ def main(argv=None) -> int:
     target, _ = load_model(args.target, torch.float32, "cpu")
     eos = tuple(tok.eos_token_ids)
     results = {}
+
+    def run(name: str, drafter, n: int, **info) -> None:
+        start = time.perf_counter()
+        runs = [simulate_sequence(target, drafter, p, args.max_tokens, eos) for p in prompts]
+        same = sum(r.tokens == ref for r, ref in zip(runs, reference))
+        s = summarize(runs, n)
+        s.update(identical_to_greedy=f"{same}/{len(prompts)}", seconds=round(time.perf_counter() - start, 1), **info)
+        results[name] = s
+        acc = " ".join("-" if a is None else f"{a:.3f}" for a in s["acceptance_by_window"])
+        print(f"{name}: n={n} tokens/cycle {s['tokens_per_cycle']:.3f}, steady-state acceptance "
+              f"{s['steady_state_acceptance']:.3f}, acceptance by window d=1..{n}: {acc}, ideal speed-up "
+              f"{s['ideal_speedup_vs_plain_pipeline']:.2f}x, drafter passes/cycle "
+              f"{s['drafter_passes_per_cycle']:.2f}, identical {same}/{len(prompts)}", flush=True)
+        if same != len(prompts):
+            print(f"  WARNING: {len(prompts) - same} sequences differ from plain greedy decoding", flush=True)
+
     for path in args.modules:
         module = SPDModule.from_pretrained(path, target.model.embed_tokens, target.model.norm, target.lm_head,
                                            dtype=torch.float32)
-        n = module.config.num_stages
-        start = time.perf_counter()
-        runs = [simulate_sequence(target, module, p, args.max_tokens, eos) for p in prompts]
-        same = sum(r.tokens == ref for r, ref in zip(runs, reference))
-        s = summarize(runs, n)
-        s.update(identical_to_greedy=f"{same}/{len(prompts)}", seconds=round(time.perf_counter() - start, 1),
-                 module=os.path.relpath(path, REPO), mixer=module.config.mixer)
-        results[os.path.basename(os.path.normpath(path))] = s
-        acc = " ".join("-" if a is None else f"{a:.3f}" for a in s["acceptance_by_window"])
-        print(f"{path}: n={n} tokens/cycle {s['tokens_per_cycle']:.3f}, steady-state acceptance "
-              f"{s['steady_state_acceptance']:.3f}, acceptance by window d=1..{n}: {acc}, ideal speed-up "
-              f"{s['ideal_speedup_vs_plain_pipeline']:.2f}x, identical {same}/{len(prompts)}", flush=True)
-        if same != len(prompts):
-            print(f"  WARNING: {len(prompts) - same} sequences differ from plain greedy decoding", flush=True)
+        run(os.path.basename(os.path.normpath(path)), module, module.config.num_stages,
+            module=os.path.relpath(path, REPO), mixer=module.config.mixer)
+    for n in args.stages if args.eagle3 else []:
+        bounds = stage_bounds(target.config.num_hidden_layers, n)
+        drafter = Eagle3Drafting.load(args.eagle3, target, bounds)
+        run(f"eagle3-{n}", drafter, n, head=os.path.relpath(args.eagle3, REPO), stage_bounds=bounds,
+            aux_layers=list(drafter.aux_layers),
+            scheme="EAGLE-3 chained from the last exited token: its real entry (target aux features), then "
+                   "one chained step per further in-flight token (the head's own hidden state)")
     save_record({
-        "benchmark": "SPD acceptance (cycle simulator), greedy", "device": device_name("cpu"), "dtype": "float32",
+        "benchmark": "SPD acceptance (cycle simulator), greedy" + (", EAGLE-3 drafter" if args.eagle3 else ""),
+        "device": device_name("cpu"), "dtype": "float32",
         "commit": commit, "python": sys.version.split()[0], "torch": torch.__version__,
         "prompts": os.path.basename(args.prompts), "num_prompts": len(prompts), "max_tokens": args.max_tokens,
         "target": os.path.relpath(args.target, REPO), "results": results,

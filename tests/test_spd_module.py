@@ -346,6 +346,92 @@ def test_simulator_is_lossless_with_fixture_module(n):
     assert 0 < accepted <= verified and summarize(results, n)["tokens_per_cycle"] > 1 / n
 
 
+@pytest.fixture(scope="module")
+def eagle3_run():
+    """The fixture target and EAGLE-3 head; the plain greedy outputs of two prompts and, from
+    an engine drafting K=4 with the head, every (sequence tokens, drafts) pair it proposed."""
+    head_dir, target_dir = os.path.join(FIX, "eagle3"), os.path.join(FIX, "target")
+    if not os.path.isdir(head_dir):
+        pytest.skip(f"{head_dir} not trained yet")
+    from parspec.tokenizer import Tokenizer
+
+    tok = Tokenizer(target_dir)
+    prompts = [tok.encode("def fibonacci(n):\n"), tok.encode("import os\n\n\ndef list_files(path):\n")]
+    llm = LLM(target_dir, dtype="float32", device="cpu", max_model_len=512,
+              speculative_config={"method": "eagle3", "model": head_dir, "num_speculative_tokens": 4})
+    proposals = []
+    propose = llm.engine.proposer.propose
+
+    def spy(seqs):
+        proposal = propose(seqs)
+        proposals.extend((list(s.token_ids), d) for s, d in zip(seqs, proposal.draft_tokens.tolist()))
+        return proposal
+
+    llm.engine.proposer.propose = spy
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0, max_tokens=20),
+                        use_tqdm=False)
+    target, _ = load_model(target_dir, torch.float32, "cpu")
+    return {"target": target, "head_dir": head_dir, "prompts": prompts, "proposals": proposals,
+            "greedy": [list(o.outputs[0].token_ids) for o in outs]}  # lossless: plain greedy's tokens
+
+
+def _eagle3_dense_logits(target, head, aux_layers, prefix: list[int], chain: list[int]) -> torch.Tensor:
+    """Independently of the simulator: the target's aux features from one dense causal forward,
+    then per draft one dense causal head forward over real entries 0..m (token x[p+1], fc of the
+    features of p) and the chained entries (in-flight token, the previous step's output hidden)."""
+    m = len(prefix) - 1
+    causal = torch.ones(m + 1, m + 1, dtype=torch.bool).tril()
+    _, aux = target(torch.tensor(prefix), torch.arange(m + 1), causal, aux_layers=aux_layers)
+    tokens = prefix[1:] + chain[:1]
+    hidden = head.project(torch.cat(aux, dim=-1))
+    logits = []
+    for i in range(len(chain)):
+        L = len(tokens)
+        normed, prenorm = head(torch.tensor(tokens), torch.arange(L), hidden, torch.ones(L, L, dtype=torch.bool).tril())
+        logits.append(head.compute_logits(normed[-1]))
+        if i + 1 < len(chain):
+            tokens, hidden = tokens + [chain[i + 1]], torch.cat([hidden, prenorm[-1:]])
+    return torch.stack(logits)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+@torch.no_grad()
+def test_eagle3_drafter_simulation_is_lossless_and_drafts_like_the_proposer(eagle3_run, n):
+    """EAGLE-3 as SPD's drafter: the emitted stream is the target's greedy one, and chaining from
+    an exited prefix drafts what the engine's Eagle3Proposer drafted after that prefix (its K=4
+    sequential drafts = windows 1..4), with the logits of a dense recomputation."""
+    from parspec.spd.partition import stage_bounds
+    from parspec.spd.simulate import Eagle3Drafting, InFlight, StagedTarget
+
+    target = eagle3_run["target"]
+    bounds = stage_bounds(target.config.num_hidden_layers, n)
+    drafter = Eagle3Drafting.load(eagle3_run["head_dir"], target, bounds)
+    assert drafter.aux_layers == (1, 2, 4)
+    results = [simulate_sequence(target, drafter, p, 20) for p in eagle3_run["prompts"]]
+    assert [r.tokens for r in results] == eagle3_run["greedy"]
+    assert 0 < sum(sum(r.accepted) for r in results) <= sum(sum(r.verified) for r in results)
+    passes = [p for r in results for p in r.drafter_passes]
+    assert set(passes) == {1, n} and len(passes) == sum(r.cycles for r in results)  # n: a steady-state cycle
+    proposals = eagle3_run["proposals"]
+    assert len(proposals) >= 10
+    for k, (ids, drafts) in enumerate(proposals):
+        # The engine's sequence ends in the token the target just emitted: our in-flight token at
+        # window 1; the prefix before it has exited, so its features are the target's own.
+        prefix = ids[:-1]
+        staged = StagedTarget(target, bounds, len(ids) + 8, drafter.aux_layers)
+        drafter.start(staged, prefix, staged.prefill(torch.tensor(prefix)), ids[-1])
+        chain, mine = [InFlight(ids[-1], len(prefix))], []
+        for j in range(len(drafts)):
+            mine.append(drafter.draft(chain))
+            chain.append(InFlight(mine[-1], len(prefix) + 1 + j))
+        assert mine == drafts
+        assert drafter.passes == len(drafts)  # one pass per window while the anchor stays
+        if k % 5 == 0:
+            ours = torch.stack([drafter.head.compute_logits(step.normed) for step in drafter.chain])
+            ref = _eagle3_dense_logits(target, drafter.head, drafter.aux_layers, prefix, [c.token for c in chain[:-1]])
+            torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+
+
 def _expanded_parts(parts, Hn: int):
     """The target's embedding / norm / lm_head as the target expansion writes them."""
     embed, norm, lm_head = parts

@@ -18,10 +18,34 @@ Per cycle at most one token is emitted (the exiting token's verdict), so with n 
 plain pipelined decoding of one sequence emits 1/n token per cycle, and SPD's ideal
 speed-up over it is ``tokens per cycle x n`` (a cycle = the slowest stage, the module off the
 critical path; transfers ignored). The same figure is the ideal speed-up over single-device
-autoregressive decoding when the stages split the layers evenly."""
+autoregressive decoding when the stages split the layers evenly.
+
+Two drafters fill the "draft the next entering token" step (``simulate_sequence`` takes
+either): the SPD speculation module (:class:`ModuleDrafter`, the window above), or an
+EAGLE-3 head (:class:`Eagle3Drafting`) chained from the last exited token m, the newest
+token whose target features exist (its aux-layer features are recorded as it crosses the
+stages). EAGLE-3's convention (``parspec.speculative.eagle``, ``parspec.train.layout``):
+drafter entry p pairs the target's aux features of position p with token x[p+1], sits at
+position p and predicts x[p+2]; a chained step feeds the next token with the previous
+step's own output hidden state, one position further. With in-flight tokens x[m+1..q]
+(q: the entering token's position, w = q - m of them) the draft of x[q+1] is
+
+    step 0:          real entry m    (token x[m+1], fc(aux features of m))  -> predicts x[m+2]
+    step i=1..w-1:   chained entry   (token x[m+1+i], step i-1's hidden)    -> predicts x[m+2+i]
+
+so the draft for window w is EAGLE-3's w-th sequential draft after the exited prefix (the
+chained tokens are the in-flight tokens, themselves earlier drafts, verified or not yet).
+Real entries keep their keys/values in dense per-position buffers; chained entries write
+theirs at positions m+1.. which the real entries overwrite once those tokens exit (the same
+positional rollback as the target's). When an exit moves the anchor, the chain restarts:
+w sequential single-token drafter passes in that cycle (w = n in steady state); a cycle
+without an exit (pipeline fill after a rejection) only extends the chain by one pass. The
+ideal speed-up assumes those passes fit beside one stage (``SequenceResult.drafter_passes``
+counts them per cycle)."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -30,9 +54,14 @@ from parspec.spd.features import _stream
 
 
 class StagedTarget:
-    """One sequence's pass through the target, stage by stage, over dense per-layer K/V."""
+    """One sequence's pass through the target, stage by stage, over dense per-layer K/V.
 
-    def __init__(self, target, bounds: list[int], max_len: int):
+    With ``aux_layers``, ``aux[p]`` ([len(aux_layers), H]) records the residual stream at the
+    INPUT of each of those layers for position p as the token there crosses them (the
+    features ``LlamaForCausalLM.forward(aux_layers=...)`` returns, in the order asked);
+    like the K/V, a later token at p overwrites them."""
+
+    def __init__(self, target, bounds: list[int], max_len: int, aux_layers: tuple[int, ...] = ()):
         self.target, self.bounds = target, bounds
         layers = target.model.layers
         attn = layers[0].self_attn
@@ -40,9 +69,15 @@ class StagedTarget:
         shape = (max_len, attn.num_kv_heads, attn.head_dim)
         self.k = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in layers]
         self.v = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in layers]
+        self.aux_layers = tuple(aux_layers)
+        hidden_size = target.model.embed_tokens.embedding_dim
+        self.aux = torch.zeros(max_len, len(self.aux_layers), hidden_size, dtype=p.dtype, device=p.device)
 
     def _layer(self, i: int, hidden, residual, pos: torch.Tensor):
         layer = self.target.model.layers[i]
+        for j, aux_layer in enumerate(self.aux_layers):
+            if aux_layer == i:
+                self.aux[pos, j] = _stream(hidden, residual)
         if residual is None:
             residual, hidden = hidden, layer.input_layernorm(hidden)
         else:
@@ -90,7 +125,7 @@ class InFlight:
     pos: int
     depth: int = 0
     state: tuple | None = None
-    window: int | None = None  # the window size d the module drafted it from; None: a final token
+    window: int | None = None  # the window size d (in-flight tokens) it was drafted from; None: a final token
 
 
 @dataclass
@@ -99,6 +134,7 @@ class SequenceResult:
     cycles: int  # from the first token entering stage 0 to the exit that emitted the last token
     verified: list[int] = field(default_factory=list)  # per window size d = 1..n: drafts verified
     accepted: list[int] = field(default_factory=list)  # ... and accepted
+    drafter_passes: list[int] = field(default_factory=list)  # per cycle: sequential drafter forwards
 
 
 def _window(module, last: InFlight, last_feat: torch.Tensor, inflight: list[InFlight], n: int, device,
@@ -122,27 +158,169 @@ def _window(module, last: InFlight, last_feat: torch.Tensor, inflight: list[InFl
     return ids, depths, feats
 
 
+class ModuleDrafter:
+    """The SPD speculation module as the cycle's drafter: the window of the module docstring."""
+
+    aux_layers: tuple[int, ...] = ()
+
+    def __init__(self, module):
+        self.module = module
+        self.num_stages, self.stage_bounds = module.config.num_stages, module.config.stage_bounds
+        self.context = getattr(module.config, "context", 0)
+
+    def start(self, staged: StagedTarget, prompt: list[int], state, first: int) -> None:
+        self.passes = 0
+        stream, C = _stream(*state), self.context
+        self.last, self.last_feat = InFlight(prompt[-1], len(prompt) - 1), stream[-1]
+        self.history = [(prompt[p], stream[p]) for p in range(max(0, len(prompt) - 1 - C), len(prompt) - 1)]
+
+    def draft(self, inflight: list[InFlight]) -> int:
+        ids, depths, feats = _window(self.module, self.last, self.last_feat, inflight, self.num_stages,
+                                     self.last_feat.device, self.history)
+        self.passes += 1
+        return int(self.module(ids, depths, feats)[0].argmax())
+
+    def exited(self, out: InFlight, verdict: int) -> None:
+        C = self.context
+        self.history = (self.history + [(self.last.token, self.last_feat)])[-C:] if C else []
+        self.last, self.last_feat = out, _stream(*out.state)[0]
+
+
+@dataclass
+class _ChainStep:
+    token: int
+    normed: torch.Tensor  # [H] for the draft logits
+    hidden: torch.Tensor  # [H] fed to the next chained step
+
+
+class Eagle3Drafting:
+    """An EAGLE-3 head as the cycle's drafter, chained from the last exited token (see the
+    module docstring). Per sequence: dense per-position keys/values of the head's layers;
+    ``passes`` counts the single-token drafter forwards the cycles ran (prefill excluded)."""
+
+    def __init__(self, head, aux_layers: tuple[int, ...], stage_bounds: list[int]):
+        self.head, self.aux_layers = head, tuple(aux_layers)
+        self.stage_bounds = list(stage_bounds)
+        self.num_stages = len(self.stage_bounds) - 1
+
+    @classmethod
+    def load(cls, path: str, target, stage_bounds: list[int], dtype: torch.dtype = torch.float32,
+             max_positions: int | None = None) -> Eagle3Drafting:
+        """The head at ``path`` with its aux layers resolved as the engine does."""
+        from parspec.models.drafter import Eagle3Config, load_eagle3
+        from parspec.speculative.eagle import resolve_aux_layers
+
+        device = next(target.parameters()).device
+        aux = resolve_aux_layers(Eagle3Config.from_pretrained(path), target.config, path)
+        head = load_eagle3(path, dtype, device, target_embedding=target.model.embed_tokens,
+                           max_positions=max_positions)
+        return cls(head, aux, stage_bounds)
+
+    # --- the head over dense per-position keys/values ---------------------------------------------
+
+    @contextlib.contextmanager
+    def _dense_kv(self):
+        """While active, the head's attention layers write their keys/values at the queries'
+        positions in this sequence's buffers and attend to every position <= the query's."""
+        def dense(attn, kbuf, vbuf):
+            def forward(x, positions, meta):
+                q, k, v = attn.project_qkv(x, positions)
+                kbuf[positions], vbuf[positions] = k, v
+                end = int(positions.max()) + 1
+                mask = torch.arange(end, device=positions.device)[None, :] <= positions[:, None]
+                o = attn._dense_attention(q, kbuf[:end], vbuf[:end], mask)
+                return attn.o_proj(o.reshape(len(positions), attn.q_size))
+            return forward
+
+        layers = self.head.attention_layers
+        for attn, kbuf, vbuf in zip(layers, self.k, self.v):
+            attn.forward = dense(attn, kbuf, vbuf)  # an instance attribute shadows the class's forward
+        try:
+            yield
+        finally:
+            for attn in layers:
+                del attn.forward
+
+    def _run(self, tokens: list[int], positions: list[int], hidden: torch.Tensor):
+        device = hidden.device
+        with self._dense_kv():
+            return self.head(torch.tensor(tokens, device=device), torch.tensor(positions, device=device),
+                             hidden, None)
+
+    def _features(self, positions) -> torch.Tensor:
+        """fc of the target's aux features (concatenated in aux-layer order) at ``positions``."""
+        feats = self.staged.aux[positions]
+        return self.head.project(feats.reshape(*feats.shape[:-2], -1))
+
+    # --- the drafter interface ----------------------------------------------------------------
+
+    def start(self, staged: StagedTarget, prompt: list[int], state, first: int) -> None:
+        if staged.aux_layers != self.aux_layers:
+            raise ValueError(f"the staged target records aux layers {staged.aux_layers}, the head reads "
+                             f"{self.aux_layers}")
+        self.staged, self.passes = staged, 0
+        max_len = staged.aux.shape[0]
+        p = next(self.head.parameters())
+        self.k = [torch.zeros(max_len, a.num_kv_heads, a.head_dim, dtype=p.dtype, device=p.device)
+                  for a in self.head.attention_layers]
+        self.v = [torch.zeros_like(k) for k in self.k]
+        # Real entries 0..L-2 (token x[p+1], features of p); entry L-1 (token ``first``) is
+        # written by the first draft, like every later anchor's entry.
+        L = len(prompt)
+        if L > 1:
+            self._run(prompt[1:], list(range(L - 1)), self._features(torch.arange(L - 1, device=p.device)))
+        self.anchor, self.verdict, self.written = L - 1, first, L - 1  # written: real entries 0..written-1
+        self.chain: list[_ChainStep] = []
+
+    def draft(self, inflight: list[InFlight]) -> int:
+        m = self.anchor
+        tokens = [tok.token for tok in inflight]
+        assert [tok.pos for tok in inflight] == list(range(m + 1, m + 1 + len(tokens)))
+        assert tokens[0] == self.verdict, "the first in-flight token is the target's verdict on the anchor"
+        keep = 0  # chain steps still valid: same anchor, same tokens
+        while keep < min(len(self.chain), len(tokens)) and self.chain[keep].token == tokens[keep]:
+            keep += 1
+        chain = self.chain[:keep]
+        for i in range(keep, len(tokens)):
+            if i == 0:  # the anchor's real entry: its target features
+                assert self.written == m
+                hidden = self._features(torch.tensor([m], device=self.k[0].device))
+                self.written = m + 1
+            else:
+                hidden = chain[-1].hidden[None]
+            normed, out = self._run([tokens[i]], [m + i], hidden)
+            self.passes += 1
+            chain.append(_ChainStep(tokens[i], normed[0], out[0]))
+        self.chain = chain
+        draft = self.head.compute_logits(chain[-1].normed).argmax(-1)
+        return int(self.head.draft_to_target(draft))
+
+    def exited(self, out: InFlight, verdict: int) -> None:
+        assert out.pos == self.anchor + 1
+        self.anchor, self.verdict, self.chain = out.pos, verdict, []
+
+
 @torch.no_grad()
 def simulate_sequence(target, module, prompt: list[int], max_new_tokens: int,
                       eos_ids: tuple[int, ...] = ()) -> SequenceResult:
-    """Greedy SPD of one prompt; see the module docstring for the cycle."""
-    n = module.config.num_stages
-    bounds = module.config.stage_bounds
+    """Greedy SPD of one prompt; see the module docstring for the cycle. ``module``: an SPD
+    speculation module (or anything with its config and call), or an :class:`Eagle3Drafting`."""
+    drafter = module if isinstance(module, Eagle3Drafting) else ModuleDrafter(module)
+    n, bounds = drafter.num_stages, drafter.stage_bounds
     device = next(target.parameters()).device
-    staged = StagedTarget(target, bounds, len(prompt) + max_new_tokens + n + 2)
+    staged = StagedTarget(target, bounds, len(prompt) + max_new_tokens + n + 2, drafter.aux_layers)
     state = staged.prefill(torch.tensor(prompt, device=device))
     t = int(staged.exit_logits(state)[-1].argmax())
     result = SequenceResult([t], 0, [0] * n, [0] * n)
-    stream, C = _stream(*state), getattr(module.config, "context", 0)
-    last, last_feat = InFlight(prompt[-1], len(prompt) - 1), stream[-1]
-    history = [(prompt[p], stream[p]) for p in range(max(0, len(prompt) - 1 - C), len(prompt) - 1)]
+    drafter.start(staged, prompt, state, t)
     queue: list[InFlight] = []
     entering = InFlight(t, len(prompt))
     while len(result.tokens) < max_new_tokens and t not in eos_ids:
         result.cycles += 1
         inflight = queue + [entering]
-        ids, depths, feats = _window(module, last, last_feat, inflight, n, device, history)
-        draft = InFlight(int(module(ids, depths, feats)[0].argmax()), entering.pos + 1, window=len(inflight))
+        before = drafter.passes
+        draft = InFlight(drafter.draft(inflight), entering.pos + 1, window=len(inflight))
+        result.drafter_passes.append(drafter.passes - before)
         for tok in inflight:  # every stage advances the token it holds
             state = tok.state if tok.depth else torch.tensor([tok.token], device=device)
             tok.state = staged.run_stage(tok.depth, state, torch.tensor([tok.pos], device=device))
@@ -154,8 +332,7 @@ def simulate_sequence(target, module, prompt: list[int], max_new_tokens: int,
         out = queue.pop(0)
         t = int(staged.exit_logits(out.state)[0].argmax())
         result.tokens.append(t)
-        history = (history + [(last.token, last_feat)])[-C:] if C else []
-        last, last_feat = out, _stream(*out.state)[0]
+        drafter.exited(out, t)
         candidate = queue[0] if queue else draft
         result.verified[candidate.window - 1] += 1
         if candidate.token == t:
@@ -173,6 +350,7 @@ def summarize(results: list[SequenceResult], n: int) -> dict:
     verified = [sum(r.verified[d] for r in results) for d in range(n)]
     accepted = [sum(r.accepted[d] for r in results) for d in range(n)]
     per_cycle = tokens / cycles if cycles else 0.0
+    passes = [p for r in results for p in r.drafter_passes]
     return {
         "num_stages": n, "sequences": len(results), "tokens_after_first": tokens, "cycles": cycles,
         "tokens_per_cycle": per_cycle,
@@ -180,6 +358,8 @@ def summarize(results: list[SequenceResult], n: int) -> dict:
         "acceptance_by_window": [a / v if v else None for a, v in zip(accepted, verified)],
         "drafts_verified_by_window": verified,
         "ideal_speedup_vs_plain_pipeline": per_cycle * n,
+        "drafter_passes_per_cycle": sum(passes) / len(passes) if passes else None,
+        "drafter_passes_histogram": {str(k): passes.count(k) for k in sorted(set(passes))},
         "formula": "ideal speed-up = tokens per cycle x n (plain pipelined decoding of one sequence emits "
                    "1/n token per cycle; the module runs beside the stages; transfers ignored)",
     }
