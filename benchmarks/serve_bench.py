@@ -4,8 +4,10 @@ For each server configuration (no speculation, and each --spec given) it starts 
 warms it up, then for each concurrency sends streamed greedy completions with at most that many
 in flight and records, per request, the time to first token (TTFT), the time per output token
 after it (TPOT) and the end-to-end latency; per cell, output tokens/s over the wall time and
-the speculation counters read from /metrics (mean acceptance length). Writes a JSON record and
-a PNG (tokens/s, TTFT p50 and TPOT p50 against concurrency) beside it.
+the speculation counters read from /metrics (mean acceptance length) and the server's count of
+compiled Triton kernel variants before and after the cell (a rise is a request that waited for a
+compile the warm-up missed). Writes a JSON record and a PNG (tokens/s, TTFT p50 and TPOT p50
+against concurrency) beside it.
 
     python benchmarks/serve_bench.py --model /tmp/parspec-8b/target --dtype bfloat16 --device cuda \\
         --spec 'p-eagle-k7={"method":"eagle3","model":"/tmp/parspec-8b/p-eagle","num_speculative_tokens":7,
@@ -142,9 +144,12 @@ def _percentiles(values: list[float]) -> dict:
     return {"p50": q(50), "p90": q(90), "p99": q(99), "mean": sum(v) / len(v)}
 
 
-def spec_counters(url: str) -> dict:
+def server_counters(url: str) -> dict:
+    """The speculation counters and the compiled-kernel gauge, read from /metrics."""
     out = {}
     for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith("parspec:triton_kernel_variants{"):
+            out["kernel variants"] = int(float(line.rsplit(" ", 1)[1]))
         for name in ("vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_accepted_tokens_total",
                      "vllm:spec_decode_num_draft_tokens_total"):
             if line.startswith(name + "{"):
@@ -170,20 +175,26 @@ def acceptance_length(before: dict, after: dict) -> float | None:
 
 def bench_config(url: str, args) -> list[dict]:
     warm = _prompts(args.prompts, max(args.concurrency))  # every batch size the cells reach
+    at_start = server_counters(url).get("kernel variants")  # what the server's own warm-up compiled
     asyncio.run(run_cell(url, warm, len(warm), min(16, args.max_tokens)))
     cells = []
     for c in args.concurrency:
         prompts = _prompts(args.prompts, max(args.num_prompts, 2 * c))
-        before = spec_counters(url)
+        before = server_counters(url)
         cell = asyncio.run(run_cell(url, prompts, c, args.max_tokens))
-        after = spec_counters(url)
+        after = server_counters(url)
         cell["acceptance_length"] = acceptance_length(before, after)
         cell["depth_steps"] = depth_steps(before, after)
+        # None against a server without the gauge (--url to an older parspec)
+        cell["triton_kernel_variants"] = {"after_server_warm_up": at_start, "before": before.get("kernel variants"),
+                                          "after": after.get("kernel variants")}
         cells.append(cell)
         ttft, tpot = cell["ttft_s"].get("p50", 0) * 1e3, cell["tpot_s"].get("p50", 0) * 1e3
+        compiled = (after.get("kernel variants") or 0) - (before.get("kernel variants") or 0)
         print(f"  c={c:<4} {cell['output_tokens_per_s']:9.1f} tok/s  TTFT p50 {ttft:8.1f} ms"
               f"  TPOT p50 {tpot:7.2f} ms  acceptance "
-              f"{cell['acceptance_length'] or '-'}  failed {cell['failed']}  depths {cell['depth_steps']}", flush=True)
+              f"{cell['acceptance_length'] or '-'}  failed {cell['failed']}  depths {cell['depth_steps']}"
+              f"  kernels compiled {compiled}", flush=True)
     return cells
 
 

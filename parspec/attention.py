@@ -129,6 +129,13 @@ def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) 
 # chunks and possibly empty ones), and writes its normalised partial output and
 # log-sum-exp to a float32 scratch buffer; ``_attn_reduce_kernel`` merges them.
 #
+# Compiled variants: Triton compiles once per value of each constexpr and, for plain
+# integers, per (== 1, divisible by 16) class. Everything here that follows the step (the
+# token count, the split count, the block-table width of a host-built batch, max_seq_len)
+# is a runtime integer left unspecialised, so only the query tile (``_attn_config``), split
+# or not (both compiled at once) and the call site's flags pick a variant; a request of a
+# new length never waits for a compile.
+#
 # Batch-invariant mode (``batch_invariant=True``, parspec.batch_invariant): the default
 # sizes BLOCK_M from the step's query length and cuts a tile's keys into a split count
 # chosen from the batch, so a row's arithmetic follows its neighbours. In the mode the
@@ -228,7 +235,12 @@ def _choose_num_splits(num_seqs: int, num_kv_heads: int, num_m_tiles: int, max_s
 
 def _attn_config(dtype: torch.dtype, block_d: int, group: int, max_query_len: int, block_m: int | None = None):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) from host ints only; ``block_m`` fixes the
-    query tile (the batch-invariant mode) instead of sizing it from ``max_query_len``."""
+    query tile (the batch-invariant mode) instead of sizing it from ``max_query_len``.
+
+    The query tile is the one compile-time choice that follows the step: a power of two from
+    16 to 128 (64 when wide), so at most four per model and dtype (each with its split twin,
+    see _compile_split_sibling), which ``LLMEngine.warm_up`` compiles with prompts of every
+    size class."""
     wide = dtype == torch.float32 or block_d > 128
     if block_m is None:
         rows = max(max_query_len * group, triton.next_power_of_2(group))
@@ -294,11 +306,13 @@ def _attn_step(acc, l_i, m_i, q, k_base, v_base, bt_row, start, kv_hi, q_pos, qk
     return acc, l_i, m_new
 
 
-@triton.jit
+# Integers that follow the step (token count, split count, the block-table width of a
+# host-built batch) are not specialised: a new value must never mean a new compile.
+@triton.jit(do_not_specialize=["num_tokens", "num_splits", "stride_bt"])
 def _paged_attn_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_part_ptr, o_part_ptr,
         query_start_loc_ptr, seq_lens_ptr, block_tables_ptr, q_pos_ptr,
-        qk_scale, num_tokens,
+        qk_scale, num_tokens, num_splits,
         stride_qt, stride_qh, stride_qd,
         stride_ot, stride_oh, stride_od,
         stride_kb, stride_ks, stride_kh, stride_kd,
@@ -307,8 +321,8 @@ def _paged_attn_kernel(
         NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
         TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, DOT_IEEE: tl.constexpr, HAS_QPOS: tl.constexpr,
-        SPLIT_KEYS: tl.constexpr, MERGE_IN_PROGRAM: tl.constexpr):
+        DOT_IEEE: tl.constexpr, HAS_QPOS: tl.constexpr,
+        SPLIT_KEYS: tl.constexpr, MERGE_IN_PROGRAM: tl.constexpr, SPLIT: tl.constexpr):
     # Heaviest (last, most keys) query tiles first.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -360,15 +374,15 @@ def _paged_attn_kernel(
     o_ptrs = out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od
 
     if SPLIT_KEYS == 0:
-        # Default: the tile's keys cut into NUM_SPLITS equal, BLOCK_N-aligned chunks.
+        # Default: the tile's keys cut into num_splits equal, BLOCK_N-aligned chunks.
         n_tiles = tl.cdiv(kv_visible, BLOCK_N)
-        tiles_per_split = tl.cdiv(n_tiles, NUM_SPLITS)
+        tiles_per_split = tl.cdiv(n_tiles, num_splits)
         kv_lo = pid_s * tiles_per_split * BLOCK_N
         kv_hi = tl.minimum(kv_lo + tiles_per_split * BLOCK_N, kv_visible)
         acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, k_base, v_base, bt_row, kv_lo, kv_hi, full_end, q_pos,
                                      qk_scale, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
                                      offs_n0, offs_d, HEAD_DIM, BLOCK_SIZE, BLOCK_N, EVEN_D, DOT_IEEE)
-        if NUM_SPLITS == 1:
+        if not SPLIT:
             has = l_i > 0.0
             o = acc / tl.where(has, l_i, 1.0)[:, None]
             tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=st_mask)
@@ -453,15 +467,13 @@ def _merge_split(m_run, w_run, acc_run, lse, o):
 
 
 @triton.jit
-def _attn_reduce_kernel(lse_part_ptr, o_part_ptr, out_ptr, num_tokens,
-                        stride_ot, stride_oh, stride_od,
-                        NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                        NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
+def _reduce_splits(lse_part_ptr, o_part_ptr, t, h, num_tokens, num_splits,
+                   NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   SPLITS_PAD: tl.constexpr):
+    """One token-head's splits (at most SPLITS_PAD of them) merged: its normalised output."""
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, BLOCK_D)
-    s_ok = offs_s < NUM_SPLITS
+    s_ok = offs_s < num_splits
     row_id = (offs_s * num_tokens + t) * NUM_Q_HEADS + h
     lse = tl.load(lse_part_ptr + row_id, mask=s_ok, other=float("-inf"))
     mx = tl.max(lse, 0)
@@ -470,19 +482,47 @@ def _attn_reduce_kernel(lse_part_ptr, o_part_ptr, out_ptr, num_tokens,
     denom = tl.sum(w, 0)
     o = tl.load(o_part_ptr + row_id[:, None] * HEAD_DIM + offs_d[None, :],
                 mask=s_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-    res = tl.sum(o * w[:, None], 0) / tl.where(denom > 0.0, denom, 1.0)
+    return tl.sum(o * w[:, None], 0) / tl.where(denom > 0.0, denom, 1.0)
+
+
+@triton.jit(do_not_specialize=["num_tokens", "num_splits"])
+def _attn_reduce_kernel(lse_part_ptr, o_part_ptr, out_ptr, num_tokens, num_splits,
+                        stride_ot, stride_oh, stride_od,
+                        NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    # One compiled kernel for every split count (a runtime value), with a body specialised for
+    # each power-of-two bound up to SPLIT_MAX: a uniform branch picks the smallest that holds
+    # them, so two splits are not read as sixty-four (the reduce costs what the read tile holds).
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    if num_splits <= 2:
+        res = _reduce_splits(lse_part_ptr, o_part_ptr, t, h, num_tokens, num_splits, NUM_Q_HEADS, HEAD_DIM, BLOCK_D, 2)
+    elif num_splits <= 4:
+        res = _reduce_splits(lse_part_ptr, o_part_ptr, t, h, num_tokens, num_splits, NUM_Q_HEADS, HEAD_DIM, BLOCK_D, 4)
+    elif num_splits <= 8:
+        res = _reduce_splits(lse_part_ptr, o_part_ptr, t, h, num_tokens, num_splits, NUM_Q_HEADS, HEAD_DIM, BLOCK_D, 8)
+    elif num_splits <= 16:
+        res = _reduce_splits(lse_part_ptr, o_part_ptr, t, h, num_tokens, num_splits, NUM_Q_HEADS, HEAD_DIM, BLOCK_D,
+                             16)
+    elif num_splits <= 32:
+        res = _reduce_splits(lse_part_ptr, o_part_ptr, t, h, num_tokens, num_splits, NUM_Q_HEADS, HEAD_DIM, BLOCK_D,
+                             32)
+    else:
+        res = _reduce_splits(lse_part_ptr, o_part_ptr, t, h, num_tokens, num_splits, NUM_Q_HEADS, HEAD_DIM, BLOCK_D,
+                             64)
+    offs_d = tl.arange(0, BLOCK_D)
     tl.store(out_ptr + t * stride_ot + h * stride_oh + offs_d * stride_od,
              res.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
-@triton.jit
-def _attn_merge_kernel(lse_part_ptr, o_part_ptr, out_ptr, num_tokens,
+@triton.jit(do_not_specialize=["num_tokens", "num_splits"])
+def _attn_merge_kernel(lse_part_ptr, o_part_ptr, out_ptr, num_tokens, num_splits,
                        stride_ot, stride_oh, stride_od,
                        NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr):
+                       BLOCK_D: tl.constexpr):
     """Batch-invariant reduce: one token's heads, its splits merged one after another in split
     order (the in-program path's order and arithmetic), never as a tree whose shape would
-    follow the number of splits."""
+    follow the number of splits. The split count is a runtime loop bound (it follows
+    max_seq_len): an unrolled loop would round the same, but compile once per count."""
     t = tl.program_id(0).to(tl.int64)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -491,7 +531,7 @@ def _attn_merge_kernel(lse_part_ptr, o_part_ptr, out_ptr, num_tokens,
     m_run = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     w_run = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc_run = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-    for s in range(0, NUM_SPLITS):
+    for s in range(0, num_splits):
         row_id = (s * num_tokens + t) * NUM_Q_HEADS + offs_h
         lse = tl.load(lse_part_ptr + row_id, mask=h_ok, other=float("-inf"))
         o = tl.load(o_part_ptr + row_id[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
@@ -519,6 +559,26 @@ def invariant_block_m(group: int) -> int:
 
 # Per-config launch fallbacks found necessary at run time (OutOfResources), keyed by config.
 _ATTN_FALLBACK: dict[tuple, tuple[int, int]] = {}
+# Launch configurations whose other SPLIT variant is compiled (_compile_split_sibling).
+_SPLIT_SIBLINGS: set[tuple] = set()
+
+
+def _compile_split_sibling(key: tuple, args: tuple, consts: dict, block_n: int, num_stages: int) -> None:
+    """Compiles, without launching, this launch's twin with the other SPLIT, once per config.
+
+    SPLIT (write the output, or a split's partial result for the reduce) is a constexpr: as a
+    runtime branch the two epilogues cost the kernel 1-2% (H200, bf16). Which one a step takes
+    follows the batch (its size and max_seq_len), so a warm-up cannot be relied on to meet both;
+    compiling the twin with the first launch of either keeps serving steps from compiling it."""
+    twin = key[:-1] + (not key[-1],)
+    config = (twin, consts["NUM_Q_HEADS"], consts["BLOCK_SIZE"], consts["HAS_QPOS"], block_n, num_stages,
+              args[0].device)
+    if config in _SPLIT_SIBLINGS:
+        return
+    _SPLIT_SIBLINGS.add(config)
+    _ATTN_FALLBACK.setdefault(twin, (block_n, num_stages))  # its launch takes the variant compiled here
+    _paged_attn_kernel.warmup(*args, **dict(consts, SPLIT=twin[-1]), BLOCK_N=block_n, num_stages=num_stages,
+                              grid=(1,))
 
 
 def _launch_config(q: torch.Tensor, k_cache: torch.Tensor, group: int, head_dim: int, block_m, block_n,
@@ -609,36 +669,35 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         if num_splits is None:
             num_splits = _choose_num_splits(num_seqs, num_kv_heads, num_m_tiles, meta.max_seq_len, sms)
         num_splits = max(1, int(num_splits))
+        if num_splits > SPLIT_MAX:
+            raise ValueError(f"num_splits={num_splits} exceeds SPLIT_MAX={SPLIT_MAX}, the most the reduce merges")
 
     if num_splits > 1:
         lse_part = torch.empty((num_splits, num_tokens, num_q_heads), dtype=torch.float32, device=q.device)
         o_part = torch.empty((num_splits, num_tokens, num_q_heads, head_dim), dtype=torch.float32,
                              device=q.device)
-    else:
-        lse_part = o_part = out  # unused
+    else:  # unused; float32 like the scratch, so the unsplit variant's signature is its split twin's
+        lse_part = o_part = torch.empty(0, dtype=torch.float32, device=q.device)
 
-    dot_ieee = q.dtype == torch.float32
-    key = key + (num_splits > 1,) if not batch_invariant else key
+    split = num_splits > 1 and not batch_invariant
+    key = key + (split,) if not batch_invariant else key
     candidates = [(block_n, num_stages), (block_n, 1), (max(16, block_n // 2), 1)]
     if key in _ATTN_FALLBACK:
         candidates = [_ATTN_FALLBACK[key]]
     grid = (num_m_tiles, num_seqs * num_kv_heads, num_splits)
+    args = (q, k_cache, v_cache, out, lse_part, o_part, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+            meta.query_positions if meta.query_positions is not None else meta.seq_lens,
+            float(scale) * _LOG2E, num_tokens, num_splits,
+            *q.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(), meta.block_tables.stride(0))
+    consts = dict(NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, TOKENS=tokens,
+                  HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_M=block_m,
+                  DOT_IEEE=q.dtype == torch.float32, HAS_QPOS=meta.query_positions is not None,
+                  SPLIT_KEYS=split_keys, MERGE_IN_PROGRAM=merge_in_program, SPLIT=split,
+                  num_warps=num_warps, enable_fp_fusion=not batch_invariant)
     err = None
     for bn, stages in candidates:
         try:
-            _paged_attn_kernel[grid](
-                q, k_cache, v_cache, out, lse_part, o_part,
-                meta.query_start_loc, meta.seq_lens, meta.block_tables,
-                meta.query_positions if meta.query_positions is not None else meta.seq_lens,
-                float(scale) * _LOG2E, num_tokens,
-                *q.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(),
-                meta.block_tables.stride(0),
-                NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, TOKENS=tokens,
-                HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
-                BLOCK_M=block_m, BLOCK_N=bn, NUM_SPLITS=num_splits, DOT_IEEE=dot_ieee,
-                HAS_QPOS=meta.query_positions is not None, SPLIT_KEYS=split_keys,
-                MERGE_IN_PROGRAM=merge_in_program, num_warps=num_warps, num_stages=stages,
-                enable_fp_fusion=not batch_invariant)
+            _paged_attn_kernel[grid](*args, **consts, BLOCK_N=bn, num_stages=stages)
             _ATTN_FALLBACK[key] = (bn, stages)
             err = None
             break
@@ -646,16 +705,16 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             err = e
     if err is not None:
         raise err
+    if not batch_invariant:
+        _compile_split_sibling(key, args, consts, *_ATTN_FALLBACK[key])
 
     if num_splits > 1 and batch_invariant:
         _attn_merge_kernel[(num_tokens,)](
-            lse_part, o_part, out, num_tokens, *out.stride(),
+            lse_part, o_part, out, num_tokens, num_splits, *out.stride(),
             NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(num_q_heads),
-            BLOCK_D=block_d, NUM_SPLITS=num_splits, num_warps=4, enable_fp_fusion=False)
+            BLOCK_D=block_d, num_warps=4, enable_fp_fusion=False)
     elif num_splits > 1:
         _attn_reduce_kernel[(num_tokens, num_q_heads)](
-            lse_part, o_part, out, num_tokens, *out.stride(),
-            NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
-            NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
-            num_warps=4)
+            lse_part, o_part, out, num_tokens, num_splits, *out.stride(),
+            NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, num_warps=4)
     return out

@@ -154,11 +154,17 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
-    """``[..., H]`` as ``[A, B, H]`` with unit stride along H, a view whenever possible."""
+    """``[..., H]`` as ``[A, B, H]`` with unit stride along H, a view whenever possible.
+
+    Tokens go along A: tokens x hidden is ``[T, 1, H]`` and tokens x heads x head_dim
+    ``[T, Hq, D]``, so B and the strides are the model's sizes, never the token count (a
+    kernel argument that followed T would compile a new variant for new values of T)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     if x.dim() == 1:
         return x.view(1, 1, -1)
+    if x.dim() == 2:
+        return x.unsqueeze(1)
     return x.reshape(-1, x.shape[-2], x.shape[-1])
 
 

@@ -76,7 +76,9 @@ def decode_metadata_ref(base: torch.Tensor, block_tables: torch.Tensor, q_len: i
     return positions.flatten(), slots.flatten(), (base + q_len).to(torch.int32)
 
 
-@triton.jit
+# stride_bt is the width of the block tables: fixed for the runner's static buffers, but a
+# host-built batch (a drafter drafting after a prefill) is as wide as its longest sequence.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _decode_metadata_kernel(base_ptr, bt_ptr, pos_ptr, slot_ptr, seq_lens_ptr, stride_bt,
                             Q: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)

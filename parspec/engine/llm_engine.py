@@ -30,6 +30,10 @@ from parspec.tokenizer import Tokenizer
 log = logging.getLogger("parspec")
 
 
+# warm_up(): prompt lengths whose prefills compile every attention query tile (16..128 rows).
+WARM_UP_PROMPT_LENGTHS = (1, 2, 3, 5, 9, 17, 33, 65)
+
+
 def _no_mark(phase: str) -> None:
     pass
 
@@ -474,8 +478,11 @@ class LLMEngine:
         """Compile the kernels and capture the CUDA graphs of every decode batch bucket (and,
         with adaptive depth, every depth) now, as vLLM does at start-up, so no request waits
         for them; with adaptive depth, also measure each (bucket, depth) step's cost, so the
-        policy starts knowing them. Runs short dummy requests on an idle engine and leaves no
-        trace (statistics, acceptance estimates, KV blocks). Returns the seconds it took."""
+        policy starts knowing them. Then the variants other steps need (the attention tile of
+        every prompt length class, sampled verification at every depth), so that serving compiles
+        no Triton kernel (parspec.compiled_kernels counts them). Runs short dummy requests on an
+        idle engine and leaves no trace (statistics, acceptance estimates, KV blocks, the global
+        RNG). Returns the seconds it took."""
         if self.has_unfinished_requests():
             raise RuntimeError("warm_up() needs an idle engine")
         start = time.perf_counter()
@@ -510,6 +517,8 @@ class LLMEngine:
                 while self._inflight is not None:  # an aborted step still in flight: read it, drop it
                     self.step()
                 self._forced_depths = []
+            if not measure:
+                self._compile_prefill_tiles_and_sampling(depths, params.max_tokens)
             if self.depth_policy is not None and not measure:
                 self.depth_policy.buckets.clear()  # the capture pass's costs include compiling
         if self.depth_policy is not None:
@@ -518,6 +527,31 @@ class LLMEngine:
         self._last_read = None
         self.reset_stats()
         return time.perf_counter() - start
+
+    def _compile_prefill_tiles_and_sampling(self, depths: list[int], max_tokens: int) -> None:
+        """warm_up()'s share for what the bucket sweep does not reach. The attention kernel's query
+        tile is a power of two from the longest query (see attention._attn_config): one prefill
+        per prompt of WARM_UP_PROMPT_LENGTHS, whose consecutive lengths at most double, meets
+        every tile of the target and of the drafter (whose chunks carry its mask slots). Then
+        one seeded sampled request (its own generator: the global RNG is left alone) verifies
+        by rejection sampling at each depth, as a greedy warm-up never does."""
+        vocab = self.model_config.vocab_size
+        once = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=1)  # finishes in its prefill
+        for n in WARM_UP_PROMPT_LENGTHS:
+            if n < self.max_model_len - 1:
+                self.add_request({"prompt_token_ids": [1 + i % (vocab - 1) for i in range(n)]}, once)
+                self.step()
+        sampled = SamplingParams(temperature=1.0, seed=0, ignore_eos=True, max_tokens=max_tokens)
+        prompt = {"prompt_token_ids": [1 + i % (vocab - 1) for i in range(min(41, self.max_model_len - 2))]}
+        request_id = self.add_request(prompt, sampled).request_id
+        self.step()  # its prefill: sampled verification of no drafts
+        self._forced_depths = list(depths)
+        while self._forced_depths and self.has_unfinished_requests():
+            self.step()
+        self.abort_request(request_id)
+        while self._inflight is not None:
+            self.step()
+        self._forced_depths = []
 
     def generate(self, prompts, params, use_tqdm: bool = True) -> list[RequestOutput]:
         """Runs ``prompts`` to the end; one RequestOutput each (with its n completions), in order.

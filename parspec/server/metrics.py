@@ -10,6 +10,8 @@ from __future__ import annotations
 import prometheus_client
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from parspec.compiled_kernels import num_compiled_variants
+
 FINISH_REASONS = ("stop", "length", "abort", "error")
 
 # vLLM's bucket boundaries, so histograms from both servers can be compared bucket by bucket.
@@ -88,6 +90,10 @@ class ServerMetrics:
                              LATENCY_BUCKETS)
         self.decode_time = histogram("vllm:request_decode_time_seconds",
                                      "Histogram of time spent in DECODE phase for request.", LATENCY_BUCKETS)
+
+        # Read at each scrape: a rise after the warm-up is a request that waited for a compile.
+        gauge("parspec:triton_kernel_variants", "Triton kernel variants compiled in the server process."
+              ).set_function(num_compiled_variants)
 
         self.spec = num_speculative_tokens > 0
         if self.spec:

@@ -60,7 +60,7 @@ def draft_inputs_ref(out_tokens: torch.Tensor, num_accepted: torch.Tensor, base:
     return DraftInputs(tokens.flatten(), positions.flatten(), slots.flatten(), seq_lens, rows.flatten())
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # as metadata's decode kernel: the width is not the kernel's choice
 def _draft_inputs_kernel(out_ptr, acc_ptr, base_ptr, bt_ptr,
                          tokens_ptr, pos_ptr, slot_ptr, seq_lens_ptr, rows_ptr,
                          stride_out_b, stride_out_e, stride_acc, stride_base, stride_bt, mask_token_id,

@@ -194,6 +194,9 @@ class Eagle3Proposer(AfterVerifyDrafter):
         positions, meta = build_attention_metadata([s.block_table for s in seqs], starts, q_lens,
                                                    self.block_size, self.device)
         meta.max_seq_len = self.max_positions
+        # At least a completing chunk's queries (its entry and mask slots), even in a step of short
+        # partial chunks: the attention tile then never drops below the ones warm_up() compiles.
+        meta.max_query_len = max(meta.max_query_len, 1 + self.num_mask)
         return DraftPass(tokens, positions, hidden, meta, to_device(rows, torch.int64, self.device))
 
     def _decode_pass(self, rows: int) -> DraftPass:

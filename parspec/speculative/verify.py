@@ -224,7 +224,10 @@ def _write_output(out_ptr, draft_ptr, stride_db, stride_dk, b, num_acc, token, K
     tl.store(out_ptr + b * (K + 1) + offs, out, mask=offs < K + 1)
 
 
-@triton.jit
+# K (the step's depth) and the drafts' layout (a column view of the runner's fed tokens, or a
+# fresh empty tensor in a prefill) follow the step; not specialised, so each depth compiles only
+# for its BLOCK_K, which LLMEngine.warm_up visits.
+@triton.jit(do_not_specialize=["stride_db", "stride_dk", "K"], do_not_specialize_on_alignment=["draft_ptr"])
 def _greedy_kernel(draft_ptr, num_drafts_ptr, target_ptr, out_ptr, num_acc_ptr,
                    stride_db, stride_dk, K, BLOCK_K: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
@@ -251,7 +254,8 @@ def _load_p_q(p_row, q_row, offs_v, in_v, x, stride_pv, stride_qv, q_mask, HAS_Q
     return p, q
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_db", "stride_dk", "stride_ub", "stride_uk", "K"],
+            do_not_specialize_on_alignment=["draft_ptr"])
 def _rejection_kernel(draft_ptr, num_drafts_ptr, q_ptr, p_ptr, u_ptr, noise_ptr,
                       out_ptr, num_acc_ptr,
                       stride_db, stride_dk, stride_qb, stride_qk, stride_qv,
@@ -301,7 +305,7 @@ def _rejection_kernel(draft_ptr, num_drafts_ptr, q_ptr, p_ptr, u_ptr, noise_ptr,
     tl.store(num_acc_ptr + b, j)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_db", "stride_dk", "K"])
 def _components_kernel(draft_ptr, q_ptr, p_ptr, accept_ptr, res_ptr,
                        stride_db, stride_dk, stride_qb, stride_qk, stride_qv,
                        stride_pb, stride_pk, stride_pv, K, V: tl.constexpr,
