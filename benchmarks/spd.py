@@ -1,6 +1,9 @@
 """SPD against its baselines, in wall-clock time, in one run on one machine:
 
-* ``spd``        speculative pipeline decoding over n stages (one GPU each), the SPD module
+* ``spd``        speculative pipeline decoding over n stages (one GPU each), drafting with the
+                 SPD module (``--drafter module``, default) or the pair's EAGLE-3 head chained
+                 from the last exited token (``--drafter eagle3``: <pair>/eagle3, which the 8B
+                 expansion expands too)
 * ``pipelined``  plain pipelined decoding over the same n stages (micro-batches round robin)
 * ``single``     the existing single-GPU engine without speculation
 * ``p-eagle``    the single-GPU engine with P-EAGLE (parallel drafting, K drafts per step)
@@ -9,6 +12,8 @@ On nvidia-h200-x2 (the lead runs it; the model is the reference pair expanded to
 Llama-3.1-8B shape, the SPD module expanded with it):
 
     python3 benchmarks/spd.py --expand-dir /tmp/pair-8b --out benchmarks/results/spd_8b_h200.json
+    python3 benchmarks/spd.py --expand-dir /tmp/pair-8b --drafter eagle3 --methods pipelined spd \
+        --out benchmarks/results/spd_eagle3_8b_h200.json
 
 CPU smoke test (the fixture pair itself, fp32):
 
@@ -53,7 +58,10 @@ def parse_args(argv=None):
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     p.add_argument("--stages", type=int, default=2, help="pipeline stages n (= GPUs)")
     p.add_argument("--peagle-k", type=int, default=7)
-    p.add_argument("--spd-module", default=None, help="SPD module directory (default: <pair>/spd-<stages>)")
+    p.add_argument("--drafter", choices=("module", "eagle3"), default="module",
+                   help="SPD's drafter: the SPD module, or the EAGLE-3 head (chained from the last exited token)")
+    p.add_argument("--spd-module", default=None,
+                   help="the SPD drafter's directory (default: <pair>/spd-<stages>, with --drafter eagle3 <pair>/eagle3)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (any engine)")
@@ -159,7 +167,8 @@ def plot(record: dict, path: str) -> None:
     module = [c["per_cycle"]["module_ms"] for c in piped]
     bx.bar(labels, stage, label="slowest stage")
     bx.bar(labels, rest, bottom=stage, label="transfer + host")
-    bx.scatter(labels, module, color="black", zorder=3, label="SPD module (beside stage 0)")
+    drafter = "EAGLE-3 head" if record["parameters"].get("spd_drafter") == "eagle3" else "SPD module"
+    bx.scatter(labels, module, color="black", zorder=3, label=f"{drafter} (beside stage 0)")
     bx.set_ylabel("ms per cycle")
     bx.legend()
     p = record["parameters"]
@@ -185,10 +194,11 @@ def main(argv=None) -> int:
         pair_root, label = args.expand_dir, f"reference pair expanded to {expand} shape"
     target = os.path.join(pair_root, "target")
     methods = list(args.methods)
-    module_dir = args.spd_module = args.spd_module or os.path.join(pair_root, f"spd-{args.stages}")
+    default_dir = "eagle3" if args.drafter == "eagle3" else f"spd-{args.stages}"
+    module_dir = args.spd_module = args.spd_module or os.path.join(pair_root, default_dir)
     skipped = {}
     if "spd" in methods and not os.path.isfile(os.path.join(module_dir, "config.json")):
-        skipped["spd"] = f"no SPD module for {args.stages} stages at {module_dir}"
+        skipped["spd"] = f"no SPD drafter ({args.drafter}) for {args.stages} stages at {module_dir}"
         print(f"spd: skipped, {skipped['spd']}", file=sys.stderr)
         methods.remove("spd")
     from parspec.tokenizer import Tokenizer
@@ -203,6 +213,7 @@ def main(argv=None) -> int:
                              "concurrency": args.concurrency, "peagle_k": args.peagle_k, "repeats": args.repeats,
                              "enforce_eager": args.enforce_eager,
                              "spd_module": module_dir if "spd" in methods else None,
+                             "spd_drafter": args.drafter,
                              "greedy": True, "ignore_eos": True},
               "expansion": expansion, "skipped": skipped, "cells": []}
     for c in args.concurrency:

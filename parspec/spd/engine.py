@@ -22,6 +22,19 @@ rank 0 at the start of the next cycle (the *exit*).
   reads them. The module drafts from the window [x_j(depth n), in-flight tokens at depths
   d-1..0], built from the previous cycle's stage outputs, while stage 0 computes (on its own
   CUDA stream on a GPU).
+* SPD with an EAGLE-3 head (``"model"`` a head directory for this target, told from an SPD
+  module by its config.json; ``parspec.spd.eagle3``, the semantics of ``simulate.Eagle3Drafting``):
+  every stage carries the residual stream at the input of the head's aux layers it owns along
+  with the activation ([rows, 2 + A, H]; the ``AUX`` command), so each exit brings rank 0 the
+  aux features of the exiting token m, the row's *anchor*. The draft chains from it: step 0 is
+  m's real entry (token x[m+1], fc(aux features of m), position m), steps 1..w-1 feed the next
+  in-flight token with the previous step's output hidden at the next position, and the last
+  step's argmax (or sample, its q recorded like the module's) is the draft. The head's K/V
+  live in dense per-row buffers indexed by position (real entries stay, chained ones are
+  overwritten by later real entries); the prompt's real entries are written at prefill. A row
+  whose anchor moved restarts its chain (w passes); otherwise (refilling after a rejection) it
+  extends it by one pass. Passes are batched over rows, padding rows writing a spare position;
+  they run where the module runs, and the workers then send rank 0 nothing but the exit.
 
 Each cycle has one host read on rank 0 (the verified tokens and the drafts to enter next);
 per-cycle timings are CUDA events on a GPU, read at the end of a generate() call."""
@@ -44,8 +57,9 @@ from parspec.kv_cache import BlockManager, OutOfBlocks, kv_bytes_per_block, num_
 from parspec.sampling import (BatchSampling, SamplingHistory, SamplingParams, probs_from_logits,
                               process_logits, token_logprobs, unpack_logprobs)
 from parspec.sequence import RequestOutput, Sequence, SpecStats, Status, TokenLogprob
+from parspec.spd.eagle3 import Eagle3Chain, check_spd_head, is_eagle3_dir, plan_rows
 from parspec.spd.partition import stage_bounds
-from parspec.spd.pipeline import (CYCLE, DTYPES, HEADER, INIT, KV, PHASE, TIMES, PipelineError, Stage, StageProcesses,
+from parspec.spd.pipeline import (AUX, CYCLE, DTYPES, HEADER, INIT, KV, PHASE, TIMES, PipelineError, Stage, StageProcesses,
                                   cycle_command_size, launched_by_torchrun, prefill_payload, serve_stage,
                                   unpack_prefill)
 from parspec.speculative.verify import draw_verification_noise, verify_greedy, verify_rejection
@@ -79,6 +93,8 @@ class _Row:
     context: list[int] = field(default_factory=list)  # the module's context: x_{j-C}..x_{j-1}
     to_enter: int | None = None  # a token the target emitted that enters stage 0 this cycle
     done: bool = False
+    chain_anchor: int = -1  # EAGLE-3: the anchor position of the row's current chain
+    chain_len: int = 0  # ... and the chain steps computed from it
 
 
 @dataclass
@@ -109,8 +125,9 @@ class PipelineTimes:
 
 class PipelineEngine:
     """``LLM(model, pipeline_parallel_size=n)``: the target over n stage processes; with
-    ``speculative_config={"method": "spd", "model": DIR}`` (or a ``drafter`` callable with the
-    SPD module's forward signature, for tests) the SPD loop, else plain pipelined decoding."""
+    ``speculative_config={"method": "spd", "model": DIR}`` (DIR: an SPD module or an EAGLE-3 head
+    for this target; or a ``drafter`` callable with the SPD module's forward signature, for tests)
+    the SPD loop, else plain pipelined decoding."""
 
     def __init__(self, cfg: EngineConfig, speculative_config=None, drafter=None):
         self.cfg = cfg
@@ -129,8 +146,14 @@ class PipelineEngine:
             self.bounds = stage_bounds(model_cfg.num_hidden_layers, n)
         except ValueError as e:
             raise ConfigError(str(e)) from e
+        self.use_eagle3 = False  # the SPD drafter is an EAGLE-3 head (else the SPD module)
         if self.spec_config is not None:
-            _check_module_dir(self.spec_config.model, n, self.bounds)
+            path = self.spec_config.model
+            if path and os.path.isdir(path) and is_eagle3_dir(path):
+                check_spd_head(path, model_cfg)
+                self.use_eagle3 = True
+            else:
+                _check_module_dir(path, n, self.bounds)
         self.device = _rank0_device(cfg)
         self.dtype = _resolve_dtype(cfg.dtype, model_cfg, self.device)
         self.max_model_len = LLMEngine._resolve_max_model_len(cfg.max_model_len, model_cfg)
@@ -174,7 +197,9 @@ class PipelineEngine:
                            cfg.block_size, self.max_positions, cfg.max_num_seqs, use_graphs)
         for rank in range(1, n):  # each worker says it has loaded its stage
             ch.small_from(1, rank)
-        if self.spec_config is not None:
+        if self.use_eagle3:
+            self._start_eagle3()
+        elif self.spec_config is not None:
             from parspec.spd.module import SPDModule
             model = self.stage.model
             self.drafter = SPDModule.from_pretrained(self.spec_config.model, model.model.embed_tokens,
@@ -182,6 +207,19 @@ class PipelineEngine:
         self.module_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.use_graphs = use_graphs
         self.module_graphs: GraphCache | None = None
+
+    def _start_eagle3(self) -> None:
+        """Load the head on rank 0 and make every stage carry its aux features (AUX command)."""
+        self.drafter = Eagle3Chain(self.spec_config.model, self.model_config, self.stage.model.model.embed_tokens,
+                                   self.device, self.dtype, self.cfg.max_num_seqs, self.max_positions)
+        aux = self.drafter.aux_layers
+        self.channel.command([AUX, len(aux)], torch.tensor(aux, dtype=torch.int64))
+        self.stage.set_aux(aux)
+
+    @property
+    def eagle3(self) -> bool:
+        """SPD drafts with an EAGLE-3 head (``Eagle3Chain``) rather than the SPD module."""
+        return isinstance(self.drafter, Eagle3Chain)
 
     def _module_buffers(self) -> None:
         """Static window buffers and graphs of the module (again if the drafter was replaced)."""
@@ -298,7 +336,9 @@ class PipelineEngine:
         self.q_ring = None if self.sampling.all_greedy or not self.spd else torch.zeros(
             ring, len(rows), vocab, dtype=torch.float32, device=self.device)
         self.drafts = None  # [B] device: the module's drafts for the next cycle
-        if self.spd:
+        if self.eagle3:
+            self.context = 0  # the module's context tokens: none
+        elif self.spd:
             self._module_buffers()
         self.drafts_host: list[int] | None = None  # the same, read with the cycle's one host read
 
@@ -334,7 +374,11 @@ class PipelineEngine:
             self._emit(r, t, logprobs[i])
             if not r.done:
                 r.to_enter = t
-        self.exit_feat = last.sum(dim=1)  # x_p at depth n, per row (SPD's window)
+        self.exit_feat = last[:, :2].sum(dim=1)  # x_p at depth n, per row (SPD's window)
+        if self.eagle3:
+            if self.module_stream is not None:  # the previous group's last draft may still use the head's buffers
+                torch.cuda.current_stream(self.device).wait_stream(self.module_stream)
+            self.drafter.prefill([r.seq.token_ids[:r.seq.num_prompt_tokens] for r in rows], back, cu)
         if self.spd and self.context:  # the prompt's tokens before x_p, at depth n
             C = self.context
             for r in rows:
@@ -379,7 +423,9 @@ class PipelineEngine:
                 self._pending.append(self.channel.send(stage0_out, 1))
             else:
                 stage0_out = None
-            if self.spd:
+            if self.eagle3:
+                self._draft_eagle3(c, rows, inputs_ready)
+            elif self.spd:
                 self._draft(c, rows, *window_inputs, inputs_ready)
             held = now
             c += 1
@@ -389,7 +435,7 @@ class PipelineEngine:
 
     def _command(self, slots: list[_Slot | None]):
         """A CYCLE command: each stage's slot (stage 0's is rank 0's own business), not waited for."""
-        command = [CYCLE, self.rows_per_mb, int(self.spd)] + [0] * (HEADER - 3)
+        command = [CYCLE, self.rows_per_mb, int(self._module_features)] + [0] * (HEADER - 3)
         for s in slots:
             command += [0, -1] + [-1] * self.rows_per_mb if s is None else [1, s.micro_batch] + s.positions
         return self.channel.command(command, wait=False)
@@ -397,11 +443,11 @@ class PipelineEngine:
     def _receive(self, held: list[_Slot | None], stage0_out):
         """The previous cycle's outputs that come back to rank 0: the exit pair from the last
         stage and, for SPD, every stage's output (stage 0's is local)."""
-        n, shape = self.num_stages, (self.rows_per_mb, 2, self.model_config.hidden_size)
+        n, shape = self.num_stages, (self.rows_per_mb, self.stage.width, self.model_config.hidden_size)
         host = self.device.type == "cpu"
         features = [stage0_out if held[0] is not None else None]
         for i in range(1, n - 1):
-            if self.spd and held[i] is not None:
+            if self._module_features and held[i] is not None:
                 buf, work = self.channel.recv(shape, self.dtype, i)
                 self.channel.wait(work, host=host)
                 features.append(buf)
@@ -412,6 +458,11 @@ class PipelineEngine:
             exit_pair, work = self.channel.recv(shape, self.dtype, n - 1)
             self.channel.wait(work, host=host)
         return exit_pair, features
+
+    @property
+    def _module_features(self) -> bool:
+        """Every stage sends its output to rank 0 too (the SPD module's window; not EAGLE-3's)."""
+        return self.spd and not self.eagle3
 
     def _exit(self, c: int, mb_rows: list[_Row], exit_pair: torch.Tensor) -> None:
         """Tokens leaving the last stage: a valid exit (the row's oldest in-flight token, not one
@@ -427,12 +478,14 @@ class PipelineEngine:
             nxt = r.inflight[0] if r.inflight else None
             drafts.append(nxt if nxt is not None and not nxt.emitted else None)
         idx = to_device([r.index for r in valid], torch.int64, self.device)
-        if self.spd and valid:
+        if self.eagle3 and valid:  # the exited tokens become their rows' anchors
+            self.drafter.exited(idx, exit_pair[idx, 2:])
+        elif self.spd and valid:
             # out of place: the module (its own stream on a GPU) may still read the old one
             if self.context:  # the old x_j becomes context 1, context k becomes k + 1
                 moved = torch.cat([self.exit_feat[idx][None], self.history[:-1, idx]])
                 self.history = self.history.index_copy(1, idx, moved)
-            self.exit_feat = self.exit_feat.index_copy(0, idx, exit_pair[idx].sum(dim=1))
+            self.exit_feat = self.exit_feat.index_copy(0, idx, exit_pair[idx, :2].sum(dim=1))
         if not valid:
             if self.spd and self.drafts is not None:
                 self._read_drafts(mb_rows, None)
@@ -574,6 +627,25 @@ class PipelineEngine:
                 self.module_sources[n + 1:, :b].copy_(self.history)
             logits = self.module_graphs.run(b)
             self.drafts = self._sample_drafts(c + 1, logits)
+            self._timer_stop("module", start, stream)
+
+    def _draft_eagle3(self, c: int, rows: list[_Row], ready) -> None:
+        """EAGLE-3: every live row's chain from its anchor through its in-flight tokens (see
+        ``parspec.spd.eagle3``), beside stage 0 like the module; the schedule is host-known."""
+        plans = plan_rows(rows, lambda r: not r.done and bool(r.inflight))
+        stream = self.module_stream
+        if stream is not None:
+            stream.wait_event(ready)
+            self.drafter.anchor_aux.record_stream(stream)  # main-stream memory read here
+        ctx = torch.cuda.stream(stream) if stream is not None else _nullcontext()
+        with ctx:
+            start = self._timer_start(stream)
+            sampled = self.q_ring is not None
+            drafts, q = self.drafter.draft(plans, self.sampling if sampled else None,
+                                           self.generators if sampled else None)
+            if q is not None:  # the draft's distribution, for verification by the cycle it enters
+                self.q_ring[(c + 1) % (self.num_stages + 1)] = q
+            self.drafts = drafts
             self._timer_stop("module", start, stream)
 
     def _module_forward(self, b: int) -> torch.Tensor:

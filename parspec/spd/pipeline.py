@@ -15,6 +15,11 @@ command, over a small CPU (gloo) control group:
                ``features`` set every stage also sends it to rank 0, for the SPD module).
 * ``TIMES``    each worker sends rank 0 its summed compute time; ``STOP`` ends the loop.
 * ``KV``       each worker sends rank 0 its KV cache (inspection and tests).
+* ``AUX``      (EAGLE-3 drafting only, once after INIT) the target layers whose input residual
+               stream rank 0's drafter reads: from then on the activation a stage receives and
+               sends is [rows, 2 + A, H], the pair followed by the A aux features gathered so
+               far (each stage fills the slots of the aux layers it owns), so the exit brings
+               rank 0 all of them. Without AUX the activation stays the [rows, 2, H] pair.
 
 Activations move with non-blocking point-to-point ops (NCCL on GPUs, gloo on CPU) in
 fixed shapes. A row whose position is -1 writes no KV (padding, finished sequences).
@@ -53,7 +58,7 @@ from parspec.metadata import decode_metadata
 ENV_FLAGS = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 HEADER = 8
-INIT, PHASE, PREFILL, CYCLE, TIMES, STOP, KV = range(1, 8)
+INIT, PHASE, PREFILL, CYCLE, TIMES, STOP, KV, AUX = range(1, 9)
 TIMEOUT = datetime.timedelta(minutes=10)
 
 
@@ -138,24 +143,44 @@ class Stage:
         bind_kv_cache(layers, self.kv_cache)
         self.tables: torch.Tensor | None = None  # [M, Bm, W] int32 for the current phase
         width = -(-max_positions // block_size)
-        self.in_pair = torch.zeros(max_rows, 2, cfg.hidden_size, dtype=dtype, device=device)
+        self.max_rows, self.use_graphs = max_rows, use_graphs and device.type == "cuda"
         self.in_ids = torch.zeros(max_rows, dtype=torch.int64, device=device)
         self.in_pos = torch.full((max_rows,), -1, dtype=torch.int64, device=device)
         self.in_tables = torch.zeros(max_rows, width, dtype=torch.int32, device=device)
-        self.graphs = StageGraphs(self._cycle_forward, enabled=use_graphs and device.type == "cuda",
-                                  pool=shared_pool(device))
+        self.set_aux(())
+
+    @property
+    def width(self) -> int:
+        """Slots of the activation between stages: the (hidden, residual) pair, then the aux features."""
+        return 2 + len(self.aux_layers)
+
+    def set_aux(self, aux_layers: tuple[int, ...]) -> None:
+        """The target layers whose input residual stream travels with the activation (EAGLE-3's
+        aux layers, in the head's order); before any cycle, since the graphs read ``in_pair``."""
+        self.aux_layers = tuple(int(i) for i in aux_layers)
+        self.in_pair = torch.zeros(self.max_rows, self.width, self.cfg.hidden_size, dtype=self.dtype,
+                                   device=self.device)
+        self.graphs = StageGraphs(self._cycle_forward, enabled=self.use_graphs, pool=shared_pool(self.device))
 
     @torch.inference_mode()
     def run(self, pair: torch.Tensor | None, input_ids: torch.Tensor | None, positions: torch.Tensor,
             meta: AttentionMetadata) -> torch.Tensor:
-        """Stage 0 embeds ``input_ids``; later stages take ``pair`` [T, 2, H] (hidden, residual).
-        Returns the pair after this stage's layers."""
+        """Stage 0 embeds ``input_ids``; later stages take ``pair`` [T, 2(+A), H] (hidden, residual
+        and, with aux layers, the aux features so far). Returns the same after this stage's layers."""
         if self.index == 0:
             hidden, residual = self.model.embed(input_ids), None
         else:
             hidden, residual = pair[:, 0], pair[:, 1]
-        hidden, residual = self.model.forward_layers(hidden, residual, positions, meta, self.start, self.stop)
-        return torch.stack([hidden, residual], dim=1)
+        if not self.aux_layers:
+            hidden, residual = self.model.forward_layers(hidden, residual, positions, meta, self.start, self.stop)
+            return torch.stack([hidden, residual], dim=1)
+        aux = list(pair[:, 2:].unbind(1)) if self.index else [torch.zeros_like(hidden)] * len(self.aux_layers)
+        for i in range(self.start, self.stop):
+            for j, layer in enumerate(self.aux_layers):
+                if layer == i:  # the residual stream entering layer i, as forward(aux_layers=...) captures it
+                    aux[j] = hidden if residual is None else hidden + residual
+            hidden, residual = self.model.forward_layers(hidden, residual, positions, meta, i, i + 1)
+        return torch.stack([hidden, residual] + aux, dim=1)
 
     def cycle(self, micro_batch: int, positions: torch.Tensor, pair: torch.Tensor | None = None,
               input_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -380,6 +405,8 @@ class Worker:
                 self._send_times()
             elif cmd == KV:
                 self.pending.append(self.ch.send(self.stage.kv_cache, 0))
+            elif cmd == AUX:
+                self.stage.set_aux(tuple(self.ch.receive_payload(header[1]).tolist()))
             else:
                 raise PipelineError(f"stage {self.ch.rank}: unknown command {cmd}")
         self._flush()
@@ -416,7 +443,7 @@ class Worker:
         # (gloo relays it through other ranks when there are 4 or more), whose receivers are
         # the ranks those sends wait for.
         self._flush()
-        buf, work = self.ch.recv((rows, 2, self.hidden), self.stage.dtype, rank - 1)
+        buf, work = self.ch.recv((rows, self.stage.width, self.hidden), self.stage.dtype, rank - 1)
         work.wait()
         if cycle is None:  # a prefill: not a cycle, so not in the per-cycle times
             out = self.stage.run(buf, None, positions, meta)

@@ -7,7 +7,8 @@ On the H200 at 2dcf2db, SPD agreed with the single engine on 0 of 8 HumanEval pr
 concurrency 1 (256 tokens, the 8B-shaped pair, bf16) while plain pipelining agreed on 8 of 8:
 the module's graph and stage 0's had been captured on torch's one default capture stream, so
 they shared a cuBLAS workspace while replaying concurrently. The module now captures on a
-stream of its own; this test is the check."""
+stream of its own; this test is the check. The EAGLE-3 head as SPD's drafter (eager, on the
+module's stream, reading the aux features that travel with the activation) is checked alike."""
 
 from __future__ import annotations
 
@@ -45,20 +46,22 @@ def _greedy(dtype: str, concurrency: int, **kwargs) -> list[list[int]]:
 def test_pipelined_and_spd_equal_single_gpu_greedy(dtype, concurrency):
     single = _greedy(dtype, concurrency)
     plain = _greedy(dtype, concurrency, pipeline_parallel_size=2)
-    spd = _greedy(dtype, concurrency, pipeline_parallel_size=2,
-                  speculative_config={"method": "spd", "model": os.path.join(FIX, "spd-2")})
     assert plain == single
-    same = sum(a == b for a, b in zip(spd, single))
-    assert same == len(single), f"SPD equals the single-GPU engine on {same} of {len(single)} prompts"
+    for drafter in ("spd-2", "eagle3"):  # the SPD module, and the EAGLE-3 head chained from each exit
+        spd = _greedy(dtype, concurrency, pipeline_parallel_size=2,
+                      speculative_config={"method": "spd", "model": os.path.join(FIX, drafter)})
+        same = sum(a == b for a, b in zip(spd, single))
+        assert same == len(single), f"SPD ({drafter}) equals the single-GPU engine on {same} of {len(single)} prompts"
 
 
+@pytest.mark.parametrize("drafter", ["spd-2", "eagle3"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_spd_graphs_on_and_off_give_identical_output(dtype):
+def test_spd_graphs_on_and_off_give_identical_output(dtype, drafter):
     """The stage cycles and the SPD module as CUDA graphs or eagerly: the same kernels on the
     same padded shapes, so the same tokens, greedy and seeded-sampled."""
     from parspec import LLM, SamplingParams
 
-    spd = {"method": "spd", "model": os.path.join(FIX, "spd-2")}
+    spd = {"method": "spd", "model": os.path.join(FIX, drafter)}
     outs = []
     for eager in (True, False):
         llm = LLM(TARGET, dtype=dtype, device="cuda", max_num_seqs=4, max_model_len=512, enforce_eager=eager,

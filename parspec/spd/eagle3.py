@@ -1,0 +1,198 @@
+"""An EAGLE-3 head as SPD's drafter on rank 0, chained from each row's last exited token.
+
+The semantics are ``parspec.spd.simulate.Eagle3Drafting``'s, batched over the rows of SPD's one
+micro-batch. Per row, anchor m = the last token that left the last stage (the newest position
+whose target features exist) and x[m+1..q] its in-flight tokens, the entering one included
+(w = q - m of them, 1..n). The draft of x[q+1] is
+
+    step 0:          m's real entry: token x[m+1], hidden fc(aux features of m), position m
+    step i=1..w-1:   chained entry:  token x[m+1+i], the previous step's output hidden, position m+i
+
+and the last step's draft-vocabulary argmax (or sample) mapped to the target's vocabulary.
+
+Keys/values live in dense per-row buffers ``[rows, max_positions + 1, kv_heads, head_dim]`` per
+head attention layer, written at the query's position; a query attends to every position <= its
+own. Real entries (the prompt's at prefill, each anchor's at step 0) stay; chained entries write
+at m+1.. and are overwritten by the real entries of those positions once they exit, and a chain
+writes each position before any of its passes reads it: the head's own positional rollback.
+
+A row whose anchor moved since its last chain (an exit, verified or rejected) restarts: w passes.
+Otherwise (the pipeline refilling after a rejection) its chain is extended: one pass, from the
+output hidden kept per row. Passes run batched over all rows with one token each; a row with
+nothing to do in a pass (it needs fewer, or keeps earlier steps) is padding: its token sits at the
+spare position ``max_positions`` that no real query ever reads, and its state is not updated. The
+schedule is known on the host, so drafting never waits for the device."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from parspec.config import ConfigError, ModelConfig, read_json
+from parspec.speculative.proposer import sample_drafts
+from parspec.transfer import to_device
+
+
+def is_eagle3_dir(path: str) -> bool:
+    """Whether ``path`` holds an EAGLE-3 head rather than an SPD module (whose config.json
+    names the ``SPDModule`` architecture and its ``num_stages``)."""
+    cfg = read_json(os.path.join(path, "config.json"), "SPD drafter config.json")
+    arch = (cfg.get("architectures") or [""])[0]
+    return arch != "SPDModule" and "num_stages" not in cfg
+
+
+@dataclass
+class ChainPlan:
+    """One row's drafting work this cycle: anchor position, in-flight tokens, first step to run."""
+
+    anchor: int
+    tokens: list[int]
+    start: int
+
+
+class Eagle3Chain:
+    """The head, its per-row dense K/V and chain state, for up to ``max_rows`` rows."""
+
+    def __init__(self, path: str, target: ModelConfig, embed_tokens, device: torch.device, dtype: torch.dtype,
+                 max_rows: int, max_positions: int):
+        from parspec.models.drafter import Eagle3Config, load_eagle3
+        from parspec.speculative.eagle import check_head_config, check_head_model, resolve_aux_layers
+
+        cfg = Eagle3Config.from_pretrained(path)  # a P-EAGLE head drafts sequentially (mask_hidden unused)
+        self.aux_layers = resolve_aux_layers(cfg, target, path)
+        check_head_config(cfg, target, path, parallel=False)
+        self.junk = max_positions  # the spare position padding passes write
+        self.head = load_eagle3(path, dtype, device, target_embedding=embed_tokens, max_positions=max_positions + 1)
+        check_head_model(self.head, target, self.aux_layers, path, parallel=False)
+        self.device, self.dtype = device, dtype
+        layers = self.head.attention_layers
+        shape = (max_rows, max_positions + 1, layers[0].num_kv_heads, layers[0].head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
+        width, hidden = len(self.aux_layers) * target.hidden_size, self.head.config.hidden_size
+        self.anchor_aux = torch.zeros(max_rows, width, dtype=dtype, device=device)  # aux features of each anchor
+        self.chain_hidden = torch.zeros(max_rows, hidden, dtype=dtype, device=device)  # the last step's output
+        self.chain_normed = torch.zeros(max_rows, hidden, dtype=dtype, device=device)  # ... normed, for logits
+        self._pass = None  # (rows, tokens per row, mask, end) of the running pass
+        for i, attn in enumerate(layers):
+            attn.forward = self._dense_forward(attn, i)  # an instance attribute shadows the class's forward
+
+    # --- the head over dense per-row buffers ----------------------------------------------------
+    def _dense_forward(self, attn, layer: int):
+        """Attention of head layer ``layer`` over the dense buffers: ``x`` holds B rows x T tokens
+        (flattened); keys/values are written at the tokens' positions, then attended by position."""
+        def forward(x, positions, meta):
+            b, t, mask, end = self._pass
+            q, k, v = attn.project_qkv(x.view(b, t, -1), positions.view(b, t))
+            rows = torch.arange(b, device=x.device)[:, None]
+            self.k[layer][rows, positions.view(b, t)] = k
+            self.v[layer][rows, positions.view(b, t)] = v
+            o = attn._dense_attention(q, self.k[layer][:b, :end], self.v[layer][:b, :end], mask)
+            return attn.o_proj(o.reshape(b * t, attn.q_size))
+        return forward
+
+    def _run(self, tokens: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor, end: int):
+        """One head forward over ``tokens``/``positions`` [B, T] (hidden [B*T, H]); ``end``: one past
+        the largest real position (host-known). Returns (normed, output hidden), [B*T, H] each."""
+        b, t = tokens.shape
+        mask = torch.arange(end, device=tokens.device)[None, None, :] <= positions[:, :, None]
+        self._pass = (b, t, mask, end)
+        try:
+            return self.head(tokens.flatten(), positions.flatten(), hidden, None)
+        finally:
+            self._pass = None
+
+    def _features(self, aux: torch.Tensor) -> torch.Tensor:
+        """The activation's aux slots [T, A, H] -> concatenated in aux-layer order [T, A*H]."""
+        return aux.reshape(aux.shape[0], -1)
+
+    # --- the engine's interface ---------------------------------------------------------------
+    def prefill(self, prompts: list[list[int]], back: torch.Tensor, cu: list[int]) -> None:
+        """The prompts' real entries 0..L-2 (token x[p+1], features of p) of every row in one
+        padded pass, and each row's first anchor (position L-1)'s aux features. ``back``: the
+        last stage's prefill output [T, 2 + A, H], rows' positions at ``cu``."""
+        b = len(prompts)
+        aux = self._features(back[:, 2:])
+        self.anchor_aux[:b] = aux[to_device([c - 1 for c in cu[1:]], torch.int64, self.device)]
+        t = max(len(p) for p in prompts) - 1
+        if t <= 0:
+            return
+        tokens = [[0] * t for _ in range(b)]
+        positions = [[self.junk] * t for _ in range(b)]
+        src = [[0] * t for _ in range(b)]
+        for r, p in enumerate(prompts):
+            for i in range(len(p) - 1):
+                tokens[r][i], positions[r][i], src[r][i] = p[i + 1], i, cu[r] + i
+        ids = to_device([tokens, positions, src], torch.int64, self.device)
+        hidden = self.head.project(aux[ids[2].flatten()])
+        self._run(ids[0], ids[1], hidden, t)
+
+    def exited(self, rows: torch.Tensor, aux: torch.Tensor) -> None:
+        """New anchors for ``rows``: the exit's aux slots [R, A, H]. Out of place: a draft on its
+        own stream may still read the old tensor."""
+        self.anchor_aux = self.anchor_aux.index_copy(0, rows, self._features(aux))
+
+    def draft(self, plans: list[ChainPlan | None], sampling, generators):
+        """Every row's draft (target vocabulary) [B] and its distribution q [B, V] (None when all
+        greedy); ``plans[i]`` None: row i drafts nothing (its draft is junk)."""
+        b = len(plans)
+        live = [p for p in plans if p is not None]
+        if not live:
+            return torch.zeros(b, dtype=torch.int64, device=self.device), None
+        first, last = min(p.start for p in live), max(len(p.tokens) for p in live)
+        steps = range(first, last)
+        table = [[[0] * b for _ in steps] for _ in range(3)]  # token, position, active
+        ends = []
+        for s_i, s in enumerate(steps):
+            end = 1
+            for r, p in enumerate(plans):
+                active = p is not None and p.start <= s < len(p.tokens)
+                table[0][s_i][r] = p.tokens[s] if active else 0
+                table[1][s_i][r] = p.anchor + s if active else self.junk
+                table[2][s_i][r] = int(active)
+                if active:
+                    end = max(end, p.anchor + s + 1)
+            ends.append(end)
+        table = to_device(table, torch.int64, self.device)
+        hidden, normed = self.chain_hidden[:b], self.chain_normed[:b]
+        for s_i, s in enumerate(steps):
+            source = self.head.project(self.anchor_aux[:b]) if s == 0 else hidden
+            new_normed, new_hidden = self._run(table[0, s_i, :, None], table[1, s_i, :, None], source, ends[s_i])
+            active = table[2, s_i, :, None].bool()
+            hidden.copy_(torch.where(active, new_hidden, hidden))
+            normed.copy_(torch.where(active, new_normed, normed))
+        logits = self.head.compute_logits(normed)[:, None]  # [B, 1, draft vocab]
+        ids, q = sample_drafts(logits, sampling, generators)
+        return self.head.draft_to_target(ids[:, 0]), None if q is None else self.head.scatter_to_target(q[:, 0])
+
+
+def plan_rows(rows, drafting) -> list[ChainPlan | None]:
+    """Each row's ChainPlan (indexed by row), updating its chain bookkeeping: a restart (w
+    passes) when its anchor moved since the last chain, else one pass extending it.
+    ``drafting(row)``: whether the row drafts this cycle."""
+    plans: list[ChainPlan | None] = [None] * len(rows)
+    for r in rows:
+        if not drafting(r):
+            continue
+        tokens = [t.token for t in r.inflight]
+        anchor = r.inflight[0].position - 1
+        start = r.chain_len if r.chain_anchor == anchor and r.chain_len < len(tokens) else 0
+        plans[r.index] = ChainPlan(anchor, tokens, start)
+        r.chain_anchor, r.chain_len = anchor, len(tokens)
+    return plans
+
+
+def check_spd_head(path: str, target: ModelConfig) -> None:
+    """Config-only checks of an EAGLE-3 head for this target, before any process starts."""
+    from parspec.models.drafter import Eagle3Config
+    from parspec.speculative.eagle import check_head_config, resolve_aux_layers
+
+    try:
+        cfg = Eagle3Config.from_pretrained(path)
+    except ConfigError as e:
+        raise ConfigError(f"speculative method 'spd': {path} is neither an SPD module (architectures "
+                          f"['SPDModule']) nor an EAGLE-3 head: {e}") from e
+    resolve_aux_layers(cfg, target, path)
+    check_head_config(cfg, target, path, parallel=False)
