@@ -4,20 +4,25 @@ The fixture target and its trained EAGLE-3 head: greedy SPD emits the single-pro
 tokens, and every request's draft/acceptance counters equal the CPU replay's
 (``simulate_sequence`` with ``Eagle3Drafting``), which chains exactly as the runtime must. A
 random head on a tiny target checks sampled SPD against the exact target distribution, and
-heads for another target are refused by name."""
+heads for another target are refused by name. The static (CUDA-graph-capturable) drafting step,
+which the engine runs, is checked against the eager reference chain on random plans."""
 
 from __future__ import annotations
 
 import os
+import random
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from parspec import LLM, SamplingParams
 from parspec.config import ConfigError, EngineConfig, ModelConfig
+from parspec.spd.eagle3 import Eagle3Chain, plan_rows
 from parspec.spd.engine import PipelineEngine
 
-from tests.test_spd_pipeline import BOUND, COMMON, N, PROMPT, SAMPLED, V, _inputs, _live, exact_joint
+from tests.test_spd_pipeline import (BOUND, COMMON, N, PROMPT, SAMPLED, V, _inputs, _live, _shutdown_at_end,  # noqa: F401
+                                     exact_joint, shutdown_all)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -25,18 +30,6 @@ FIX = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 HEAD, TARGET = os.path.join(FIX, "eagle3"), os.path.join(FIX, "target")
 MAX_TOKENS = 16
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _shutdown_at_end():
-    torch.set_num_threads(1)
-    yield
-    while _live:
-        _live.pop().shutdown()
-
-
-def _shutdown_all():
-    while _live:
-        _live.pop().shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +44,7 @@ def fixture_run():
     prompts = [tok.encode("def fibonacci(n):\n"), tok.encode("import os\n\ndef list_files(path):\n"),
                tok.encode("x")]
     kw = dict(max_model_len=128, max_num_seqs=4, block_size=16)
-    _shutdown_all()
+    shutdown_all()
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     single = {k: v for k, v in {**COMMON, **kw}.items() if k != "block_size"}
     plain = [o.outputs[0].token_ids for o in LLM(TARGET, **single).generate(_inputs(prompts), params, use_tqdm=False)]
@@ -63,7 +56,7 @@ def fixture_run():
 def test_greedy_spd_with_eagle3_is_lossless_and_accepts_as_the_replay(fixture_run, n):
     from parspec.spd.simulate import Eagle3Drafting, simulate_sequence
 
-    _shutdown_all()
+    shutdown_all()
     kw = fixture_run["kw"]
     engine = _spd(TARGET, n, HEAD, **kw)
     assert engine.eagle3 and engine.stage.width == 2 + 3
@@ -77,12 +70,12 @@ def test_greedy_spd_with_eagle3_is_lossless_and_accepts_as_the_replay(fixture_ru
         assert (stats["num_draft_tokens"], stats["num_accepted_tokens"]) == (sum(replay.verified),
                                                                               sum(replay.accepted)), prompt
     assert engine.stats.num_accepted_tokens > 0
-    _shutdown_all()
+    shutdown_all()
 
 
 def _spd(model: str, n: int, head: str, **kw) -> PipelineEngine:
     """A fresh SPD pipeline of ``n`` stages drafting with the EAGLE-3 head at ``head``."""
-    _shutdown_all()
+    shutdown_all()
     opts = {**COMMON, **kw}
     engine = PipelineEngine(EngineConfig(model=model, pipeline_parallel_size=n, **opts),
                             speculative_config={"method": "spd", "model": head})
@@ -122,7 +115,7 @@ def test_sampled_spd_with_eagle3_has_the_target_distribution(tiny, tmp_path):
     path, hf = tiny
     head = str(tmp_path / "head")
     _random_head(head, ModelConfig.from_pretrained(path), [0, 1], draft_vocab=4)
-    _shutdown_all()
+    shutdown_all()
     torch.manual_seed(0)
     engine = _spd(path, 2, head, max_num_seqs=N, max_model_len=16)
     assert engine.eagle3
@@ -137,7 +130,7 @@ def test_sampled_spd_with_eagle3_has_the_target_distribution(tiny, tmp_path):
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     assert (engine.generate(_inputs([PROMPT]), greedy, use_tqdm=False)[0].outputs[0].token_ids ==
             [int(t) for t in _greedy(hf, PROMPT, 6)])
-    _shutdown_all()
+    shutdown_all()
 
 
 def _greedy(hf, prompt: list[int], k: int) -> list[int]:
@@ -166,3 +159,106 @@ def test_heads_for_another_target_are_refused_by_name(tiny, tmp_path):
     with pytest.raises(ConfigError, match=r"\[5\]"):
         PipelineEngine(EngineConfig(model=path, pipeline_parallel_size=2, device="cpu", dtype="float32",
                                     skip_tokenizer_init=True), speculative_config={"method": "spd", "model": aux})
+
+
+class _CaptureLikeGraphs:
+    """A stand-in for an enabled GraphCache on the CPU: a key's first call runs the function three
+    times (warm-up, capture, replay) as a real capture does, later calls once."""
+
+    enabled = True
+
+    def __init__(self, fn):
+        self.fn, self.graphs = fn, {}
+
+    def run(self, key):
+        if key not in self.graphs:
+            self.fn(key)
+            self.fn(key)
+            self.graphs[key] = None
+        return self.fn(key)
+
+
+def _evolve(rows, rng: random.Random, vocab: int, steps: int, limit: int) -> list[int]:
+    """One cycle of random pipeline events per row: an exit (anchor + 1; a token enters behind),
+    a rejection (anchor + 1; only the correction in flight), a refill (one more in flight, same
+    anchor: the chain extends) or nothing (the row drafts nothing). Returns the rows whose
+    anchor moved; ``r.drafts`` says whether a row drafts this cycle."""
+    moved = []
+    for r in rows:
+        anchor = r.inflight[0].position - 1
+        event = rng.choice(["exit", "reject", "refill", "idle"])
+        if event in ("exit", "reject") and anchor + steps + 2 >= limit:
+            event = "refill"
+        tokens = [t.token for t in r.inflight]
+        if event == "exit":
+            anchor, tokens = anchor + 1, tokens[1:] + [rng.randrange(vocab)]
+        elif event == "reject":
+            anchor, tokens = anchor + 1, [rng.randrange(vocab)]
+        elif event == "refill" and len(tokens) < steps:
+            tokens.append(rng.randrange(vocab))
+        r.inflight = [SimpleNamespace(token=t, position=anchor + 1 + i) for i, t in enumerate(tokens)]
+        r.drafts = event != "idle"
+        if event in ("exit", "reject"):
+            moved.append(r.index)
+    return moved
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to float summation order, relative to the tensor's scale (a random head's hidden
+    states and K/V reach tens)."""
+    return torch.allclose(a, b, rtol=1e-5, atol=1e-5 * max(1.0, b.abs().max().item()))
+
+
+@torch.inference_mode()
+def test_static_step_drafts_as_the_eager_chain(tiny, tmp_path):
+    """Random restarts, extensions, short chains and idle rows: the static step (run as the
+    engine runs it, its first call per key through a capture's extra runs) gives the eager
+    chain's logits, drafts, chain state and K/V at every real position."""
+    path, _ = tiny
+    target = ModelConfig.from_pretrained(path)
+    head = str(tmp_path / "head")
+    _random_head(head, target, [0, 1], draft_vocab=4)
+    b, steps, max_positions = 5, 3, 48
+    static, eager = (Eagle3Chain(head, target, None, torch.device("cpu"), torch.float32, b, max_positions, steps)
+                     for _ in range(2))
+    engine = SimpleNamespace(eagle3_graphs=_CaptureLikeGraphs(static.forward_static), drafter=static)
+    rng, gen = random.Random(0), torch.Generator().manual_seed(0)
+    aux_width, vocab = 2, target.vocab_size
+    prompts = [[rng.randrange(vocab) for _ in range(rng.randint(1, 12))] for _ in range(b)]
+    cu = [0]
+    for p in prompts:
+        cu.append(cu[-1] + len(p))
+    back = torch.randn(cu[-1], 2 + aux_width, target.hidden_size, generator=gen)
+    for chain in (static, eager):
+        chain.prefill(prompts, back, cu)
+    rows = [SimpleNamespace(index=i, inflight=[SimpleNamespace(token=rng.randrange(vocab), position=len(p))],
+                            chain_anchor=-1, chain_len=0, drafts=True) for i, p in enumerate(prompts)]
+    kinds, spans = set(), set()
+    for cycle in range(60):
+        moved = _evolve(rows, rng, vocab, steps, max_positions) if cycle else []
+        if moved:
+            aux = torch.randn(len(moved), aux_width, target.hidden_size, generator=gen)
+            for chain in (static, eager):
+                chain.exited(torch.tensor(moved), aux)
+        plans = plan_rows(rows, lambda r: r.drafts)
+        kinds |= {"idle" if p is None else "extend" if p.start else f"restart{len(p.tokens)}" for p in plans}
+        seen = []
+
+        def run(key):  # the engine's step, its logits kept
+            seen.append((key, PipelineEngine._eagle3_step(engine, key)))
+            return seen[-1][1]
+
+        expected = eager.draft_logits_eager(plans)
+        drafts, q = static.draft(plans, None, None, run=run)
+        if expected is None:
+            assert not seen and q is None
+            continue
+        (key, logits), = seen
+        spans.add(key[1])
+        assert torch.allclose(logits, expected, atol=1e-5, rtol=1e-5), cycle
+        assert torch.equal(drafts, eager._sample(expected, None, None)[0]), cycle
+        assert _close(static.chain_normed, eager.chain_normed) and _close(static.chain_hidden, eager.chain_hidden)
+        for ks, ke in zip(static.k + static.v, eager.k + eager.v):
+            assert _close(ks[:, :static.junk], ke[:, :static.junk]), cycle
+    assert {"idle", "extend", "restart1", "restart2", "restart3"} <= kinds
+    assert len(spans) > 1 and static.junk + 1 in spans  # short spans and the whole buffer

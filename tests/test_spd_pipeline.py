@@ -40,9 +40,13 @@ GREEDY = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
 _live: list[PipelineEngine] = []  # one pipeline per process at a time (torch.distributed is global)
 
 
-def start(model: str, pp: int, **kw) -> PipelineEngine:
+def shutdown_all() -> None:
     while _live:
         _live.pop().shutdown()
+
+
+def start(model: str, pp: int, **kw) -> PipelineEngine:
+    shutdown_all()
     engine = PipelineEngine(EngineConfig(model=model, pipeline_parallel_size=pp, **{**COMMON, **kw}))
     _live.append(engine)
     return engine
@@ -52,8 +56,7 @@ def start(model: str, pp: int, **kw) -> PipelineEngine:
 def _shutdown_at_end():
     torch.set_num_threads(1)
     yield
-    while _live:
-        _live.pop().shutdown()
+    shutdown_all()
 
 
 @pytest.fixture(scope="module")

@@ -21,11 +21,30 @@ Otherwise (the pipeline refilling after a rejection) its chain is extended: one 
 output hidden kept per row. Passes run batched over all rows with one token each; a row with
 nothing to do in a pass (it needs fewer, or keeps earlier steps) is padding: its token sits at the
 spare position ``max_positions`` that no real query ever reads, and its state is not updated. The
-schedule is known on the host, so drafting never waits for the device."""
+schedule is known on the host, so drafting never waits for the device.
+
+Drafting runs a *static* step (``forward_static``) so that the engine can capture it as one CUDA
+graph per (rows, span): the eager loop launched each pass's dozens of kernels from Python and
+made rank 0 host-bound. The static step always runs passes 0..n-1 (n = ``steps``, the most
+in-flight tokens a row can have) over all rows; which row is real in which pass comes from
+static device buffers (``schedule``: token, position, active per pass and row) that one
+non-blocking copy fills before the step. Pass 0 reads ``project(anchor_aux)``, later passes the
+previous pass's output hidden; inactive (row, pass)s keep their state (``torch.where``) and write
+K/V only at the spare position. Attention covers a fixed span of the dense buffers (a power of
+two from ``MIN_SPAN``, capped at the whole buffer; the host picks it from the largest real
+position), masked by position, instead of a host-known end per pass; masked keys add exact
+zeros, so the drafts equal the eager loop's (``draft_logits_eager``, kept as the reference) up
+to float summation order. The step updates the chain state in place, so running it twice is
+not running it once: a graph's warm-up and capture run it with ``idle_passes``.
+
+``anchor_aux``, ``chain_hidden``, ``chain_normed`` and the K/V buffers keep their addresses for
+the engine's lifetime (graphs read them); ``exited`` writes the anchors in place, so the caller
+must order it after the previous draft (the engine runs it on the drafting stream)."""
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +52,9 @@ import torch
 from parspec.config import ConfigError, ModelConfig, read_json
 from parspec.speculative.proposer import sample_drafts
 from parspec.transfer import to_device
+
+
+MIN_SPAN = 32  # the shortest attention span of the static step (spans double from here)
 
 
 def is_eagle3_dir(path: str) -> bool:
@@ -53,10 +75,11 @@ class ChainPlan:
 
 
 class Eagle3Chain:
-    """The head, its per-row dense K/V and chain state, for up to ``max_rows`` rows."""
+    """The head, its per-row dense K/V and chain state, for up to ``max_rows`` rows whose chains
+    are at most ``steps`` passes long (the pipeline's stages)."""
 
     def __init__(self, path: str, target: ModelConfig, embed_tokens, device: torch.device, dtype: torch.dtype,
-                 max_rows: int, max_positions: int):
+                 max_rows: int, max_positions: int, steps: int):
         from parspec.models.drafter import Eagle3Config, load_eagle3
         from parspec.speculative.eagle import check_head_config, check_head_model, resolve_aux_layers
 
@@ -75,6 +98,10 @@ class Eagle3Chain:
         self.anchor_aux = torch.zeros(max_rows, width, dtype=dtype, device=device)  # aux features of each anchor
         self.chain_hidden = torch.zeros(max_rows, hidden, dtype=dtype, device=device)  # the last step's output
         self.chain_normed = torch.zeros(max_rows, hidden, dtype=dtype, device=device)  # ... normed, for logits
+        self.steps = steps
+        # the static step's schedule: token, position, active per pass and row; the first 3 * steps * b
+        # elements, viewed [3, steps, b], are rows-bucket b's (contiguous: one plain copy fills them)
+        self._schedule = torch.zeros(3 * steps * max_rows, dtype=torch.int64, device=device)
         self._pass = None  # (rows, tokens per row, mask, end) of the running pass
         for i, attn in enumerate(layers):
             attn.forward = self._dense_forward(attn, i)  # an instance attribute shadows the class's forward
@@ -130,32 +157,82 @@ class Eagle3Chain:
         self._run(ids[0], ids[1], hidden, t)
 
     def exited(self, rows: torch.Tensor, aux: torch.Tensor) -> None:
-        """New anchors for ``rows``: the exit's aux slots [R, A, H]. Out of place: a draft on its
-        own stream may still read the old tensor."""
-        self.anchor_aux = self.anchor_aux.index_copy(0, rows, self._features(aux))
+        """New anchors for ``rows``: the exit's aux slots [R, A, H], written in place (the static
+        step's graphs read this buffer): the caller orders it after the previous draft's reads."""
+        self.anchor_aux.index_copy_(0, rows, self._features(aux))
 
-    def draft(self, plans: list[ChainPlan | None], sampling, generators):
+    # --- drafting -------------------------------------------------------------------------------
+    def draft(self, plans: list[ChainPlan | None], sampling, generators, run=None):
         """Every row's draft (target vocabulary) [B] and its distribution q [B, V] (None when all
-        greedy); ``plans[i]`` None: row i drafts nothing (its draft is junk)."""
+        greedy); ``plans[i]`` None: row i drafts nothing (its draft is junk). ``run``: runs the
+        static step for a key (the engine's graph cache); default: ``forward_static``, eagerly."""
+        logits = self.draft_logits(plans, run)
+        if logits is None:
+            return torch.zeros(len(plans), dtype=torch.int64, device=self.device), None
+        return self._sample(logits, sampling, generators)
+
+    def draft_logits(self, plans: list[ChainPlan | None], run=None) -> torch.Tensor | None:
+        """The static path: the host-known schedule copied to the device in one non-blocking
+        copy, then the static step for (rows, span). Draft-vocabulary logits [B, V'] (None when
+        no row drafts)."""
+        b = len(plans)
+        table, end = self._table(plans, range(self.steps))
+        if end == 0:
+            return None
+        host = table.pin_memory() if self.device.type == "cuda" else table
+        self.schedule(b).copy_(host, non_blocking=True)
+        return (run or self.forward_static)((b, self.span(end)))
+
+    def schedule(self, b: int) -> torch.Tensor:
+        """Rows-bucket ``b``'s schedule [3 (token, position, active), steps, b], a fixed view."""
+        return self._schedule[:3 * self.steps * b].view(3, self.steps, b)
+
+    def span(self, end: int) -> int:
+        """The attention span for real positions < ``end``: a power of two (few graphs, little
+        wasted attention), at most the whole buffer."""
+        return min(max(MIN_SPAN, 1 << (end - 1).bit_length()), self.junk + 1)
+
+    def forward_static(self, key: tuple[int, int]) -> torch.Tensor:
+        """The static step for ``key`` = (rows b, attention span): passes 0..steps-1 over every
+        row as ``schedule(b)`` says, the chain state updated in place. Fixed shapes and buffers,
+        no host sync: capturable as a CUDA graph. Returns draft-vocabulary logits [b, V']."""
+        b, span = key
+        tokens, positions, active = self.schedule(b)
+        hidden, normed = self.chain_hidden[:b], self.chain_normed[:b]
+        for s in range(self.steps):
+            source = self.head.project(self.anchor_aux[:b]) if s == 0 else hidden
+            new_normed, new_hidden = self._run(tokens[s, :, None], positions[s, :, None], source, span)
+            keep = active[s, :, None] != 0
+            hidden.copy_(torch.where(keep, new_hidden, hidden))
+            normed.copy_(torch.where(keep, new_normed, normed))
+        return self.head.compute_logits(normed)
+
+    @contextmanager
+    def idle_passes(self, b: int):
+        """Rows-bucket ``b``'s schedule made all padding for the duration, then restored (device
+        work only, no host sync): a graph's warm-up and capture run the step more than once,
+        which only idle passes (writing the spare position alone) survive unchanged."""
+        schedule = self.schedule(b)
+        saved = schedule.clone()
+        schedule[0].zero_()
+        schedule[1].fill_(self.junk)
+        schedule[2].zero_()
+        try:
+            yield
+        finally:
+            schedule.copy_(saved)
+
+    def draft_logits_eager(self, plans: list[ChainPlan | None]) -> torch.Tensor | None:
+        """The reference the static step must match: only the passes some row needs, each over
+        the dense buffers up to its host-known end. Same state updates, same logits."""
         b = len(plans)
         live = [p for p in plans if p is not None]
         if not live:
-            return torch.zeros(b, dtype=torch.int64, device=self.device), None
-        first, last = min(p.start for p in live), max(len(p.tokens) for p in live)
-        steps = range(first, last)
-        table = [[[0] * b for _ in steps] for _ in range(3)]  # token, position, active
-        ends = []
-        for s_i, s in enumerate(steps):
-            end = 1
-            for r, p in enumerate(plans):
-                active = p is not None and p.start <= s < len(p.tokens)
-                table[0][s_i][r] = p.tokens[s] if active else 0
-                table[1][s_i][r] = p.anchor + s if active else self.junk
-                table[2][s_i][r] = int(active)
-                if active:
-                    end = max(end, p.anchor + s + 1)
-            ends.append(end)
-        table = to_device(table, torch.int64, self.device)
+            return None
+        steps = range(min(p.start for p in live), max(len(p.tokens) for p in live))
+        table, _ = self._table(plans, steps)
+        ends = [max([p + 1 for p, a in zip(pos, act) if a], default=1) for pos, act in zip(*table[1:].tolist())]
+        table = table.to(self.device)
         hidden, normed = self.chain_hidden[:b], self.chain_normed[:b]
         for s_i, s in enumerate(steps):
             source = self.head.project(self.anchor_aux[:b]) if s == 0 else hidden
@@ -163,8 +240,28 @@ class Eagle3Chain:
             active = table[2, s_i, :, None].bool()
             hidden.copy_(torch.where(active, new_hidden, hidden))
             normed.copy_(torch.where(active, new_normed, normed))
-        logits = self.head.compute_logits(normed)[:, None]  # [B, 1, draft vocab]
-        ids, q = sample_drafts(logits, sampling, generators)
+        return self.head.compute_logits(normed)
+
+    def _table(self, plans: list[ChainPlan | None], steps: range) -> tuple[torch.Tensor, int]:
+        """The host schedule [3 (token, position, active), len(steps), B] of passes ``steps``
+        and one past the largest real position (0: no real pass). Padding: token 0 at ``junk``."""
+        b, n = len(plans), len(steps)
+        tok, pos, act = [0] * (n * b), [self.junk] * (n * b), [0] * (n * b)
+        end = 0
+        for r, p in enumerate(plans):
+            if p is None:
+                continue
+            if len(p.tokens) > self.steps:
+                raise ValueError(f"row {r} has {len(p.tokens)} in-flight tokens, more than {self.steps} passes")
+            for s in range(max(p.start, steps.start), min(len(p.tokens), steps.stop)):
+                i = (s - steps.start) * b + r
+                tok[i], pos[i], act[i] = p.tokens[s], p.anchor + s, 1
+                end = max(end, p.anchor + s + 1)
+        return torch.tensor(tok + pos + act, dtype=torch.int64).view(3, n, b), end
+
+    def _sample(self, logits: torch.Tensor, sampling, generators):
+        """Draft-vocabulary logits [B, V'] -> drafts in the target's vocabulary [B] and q [B, V]."""
+        ids, q = sample_drafts(logits[:, None], sampling, generators)
         return self.head.draft_to_target(ids[:, 0]), None if q is None else self.head.scatter_to_target(q[:, 0])
 
 

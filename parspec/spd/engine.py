@@ -34,7 +34,11 @@ rank 0 at the start of the next cycle (the *exit*).
   overwritten by later real entries); the prompt's real entries are written at prefill. A row
   whose anchor moved restarts its chain (w passes); otherwise (refilling after a rejection) it
   extends it by one pass. Passes are batched over rows, padding rows writing a spare position;
-  they run where the module runs, and the workers then send rank 0 nothing but the exit.
+  they run where the module runs, and the workers then send rank 0 nothing but the exit. The
+  passes are one fixed-shape step (all n passes, which rows are real in which pass read from a
+  schedule copied to the device; ``Eagle3Chain.forward_static``), a CUDA graph per (rows,
+  attention span) with graphs on, so rank 0 launches one replay instead of every pass's
+  kernels. The exit's anchor features are written in place on the drafting stream.
 
 Each cycle has one host read on rank 0 (the verified tokens and the drafts to enter next);
 per-cycle timings are CUDA events on a GPU, read at the end of a generate() call."""
@@ -207,11 +211,19 @@ class PipelineEngine:
         self.module_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.use_graphs = use_graphs
         self.module_graphs: GraphCache | None = None
+        self.eagle3_graphs: GraphCache | None = None
+        if self.use_eagle3:
+            # The head's static step replays beside stage 0 like the module's graph: its own
+            # capture stream, hence its own cuBLAS workspace (see _module_buffers).
+            capture = torch.cuda.Stream(self.device) if use_graphs else None
+            self.eagle3_graphs = GraphCache(self.drafter.forward_static, enabled=use_graphs,
+                                            capture_error_mode="thread_local", capture_stream=capture)
 
     def _start_eagle3(self) -> None:
         """Load the head on rank 0 and make every stage carry its aux features (AUX command)."""
         self.drafter = Eagle3Chain(self.spec_config.model, self.model_config, self.stage.model.model.embed_tokens,
-                                   self.device, self.dtype, self.cfg.max_num_seqs, self.max_positions)
+                                   self.device, self.dtype, self.cfg.max_num_seqs, self.max_positions,
+                                   self.num_stages)
         aux = self.drafter.aux_layers
         self.channel.command([AUX, len(aux)], torch.tensor(aux, dtype=torch.int64))
         self.stage.set_aux(aux)
@@ -479,7 +491,7 @@ class PipelineEngine:
             drafts.append(nxt if nxt is not None and not nxt.emitted else None)
         idx = to_device([r.index for r in valid], torch.int64, self.device)
         if self.eagle3 and valid:  # the exited tokens become their rows' anchors
-            self.drafter.exited(idx, exit_pair[idx, 2:])
+            self._new_anchors(idx, exit_pair[idx, 2:])
         elif self.spd and valid:
             # out of place: the module (its own stream on a GPU) may still read the old one
             if self.context:  # the old x_j becomes context 1, context k becomes k + 1
@@ -636,17 +648,42 @@ class PipelineEngine:
         stream = self.module_stream
         if stream is not None:
             stream.wait_event(ready)
-            self.drafter.anchor_aux.record_stream(stream)  # main-stream memory read here
         ctx = torch.cuda.stream(stream) if stream is not None else _nullcontext()
         with ctx:
             start = self._timer_start(stream)
             sampled = self.q_ring is not None
             drafts, q = self.drafter.draft(plans, self.sampling if sampled else None,
-                                           self.generators if sampled else None)
+                                           self.generators if sampled else None, run=self._eagle3_step)
             if q is not None:  # the draft's distribution, for verification by the cycle it enters
                 self.q_ring[(c + 1) % (self.num_stages + 1)] = q
             self.drafts = drafts
             self._timer_stop("module", start, stream)
+
+    def _new_anchors(self, idx: torch.Tensor, aux: torch.Tensor) -> None:
+        """The exit's aux features become ``idx``'s anchors, in place (the head's graphs read that
+        buffer). On a GPU the write runs on the drafting stream, after the main stream's exit work:
+        in stream order after the previous draft read the old anchors and before the next draft,
+        without making the main stream wait for the draft."""
+        stream = self.module_stream
+        if stream is None:
+            self.drafter.exited(idx, aux)
+            return
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        for t in (idx, aux):
+            t.record_stream(stream)  # main-stream memory read there: not reused before the write ran
+        with torch.cuda.stream(stream):
+            self.drafter.exited(idx, aux)
+
+    def _eagle3_step(self, key: tuple[int, int]) -> torch.Tensor:
+        """The head's static step for (rows, span): its CUDA graph replayed with graphs on, else
+        run eagerly. A key's first call with graphs on warms up, captures and replays: three
+        runs of a step that updates the chain state in place, so they run all-idle passes and
+        the real schedule then replays once."""
+        graphs = self.eagle3_graphs
+        if graphs.enabled and key not in graphs.graphs:
+            with self.drafter.idle_passes(key[0]):
+                graphs.run(key)
+        return graphs.run(key)
 
     def _module_forward(self, b: int) -> torch.Tensor:
         """The module over the static window buffers (captured as a CUDA graph per row count on
