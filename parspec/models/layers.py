@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +85,51 @@ class RotaryEmbedding(nn.Module):
         return rotate_half_ref(q, cos, sin), rotate_half_ref(k, cos, sin)
 
 
+@dataclass
+class DenseKV:
+    """Attention metadata for keys/values in caller-owned dense buffers, ``[rows, positions,
+    kv_heads, head_dim]`` per attention layer, indexed by position (SPD's EAGLE-3 drafter chain
+    and its one-process replay, which keep a few rows and roll back by overwriting positions).
+
+    The queries are ``rows`` x ``per_row`` tokens, flattened. Each layer writes its keys/values
+    at the queries' positions in its buffers, then every query attends to the keys at positions
+    <= its own among the first ``span`` (fixed: a CUDA graph can capture it)."""
+
+    buffers: dict  # attention module -> (k, v) buffers
+    rows: int
+    per_row: int
+    span: int
+
+    def attend(self, attn: PagedSelfAttention, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        b, t = self.rows, self.per_row
+        pos = positions.view(b, t)
+        q, k, v = attn.project_qkv(x.view(b, t, -1), pos)
+        k_buf, v_buf = self.buffers[attn]
+        rows = torch.arange(b, device=x.device)[:, None]
+        k_buf[rows, pos], v_buf[rows, pos] = k, v  # written first: a token attends to itself
+        mask = torch.arange(self.span, device=x.device) <= pos[..., None]  # [b, t, span]
+        return attn._dense_attention(q, k_buf[:b, :self.span], v_buf[:b, :self.span], mask)
+
+
+@dataclass
+class GrowingKV:
+    """Attention metadata of EAGLE-3's training-time test: each layer keeps the keys/values
+    (after rope) of every call that shares ``kept`` and attends over them plus its new queries',
+    by ``mask`` [B, Nq, Nk] (the queries are the last Nq keys), so TTT step i runs only its own
+    new entries."""
+
+    mask: torch.Tensor
+    kept: dict  # attention module -> (k, v) so far; shared by the calls of one TTT pass
+
+    def attend(self, attn: PagedSelfAttention, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        q, k, v = attn.project_qkv(x, positions)
+        if attn in self.kept:
+            k_old, v_old = self.kept[attn]
+            k, v = torch.cat([k_old, k], dim=-3), torch.cat([v_old, v], dim=-3)
+        self.kept[attn] = k, v
+        return attn._dense_attention(q, k, v, self.mask)
+
+
 class PagedSelfAttention(nn.Module):
     """GQA self-attention whose K/V live in the paged cache the runner binds to it.
 
@@ -107,12 +153,16 @@ class PagedSelfAttention(nn.Module):
         self.batch_invariant = False  # batch_invariant.set_batch_invariant: fixed-split attention
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor,
-                meta: AttentionMetadata | torch.Tensor) -> torch.Tensor:
-        """``meta`` is the paged-cache metadata at inference, or, for training without a
-        cache, a boolean mask ``[..., T, T]`` (True = may attend) over ``x`` of ``[..., T, C]``."""
+                meta: AttentionMetadata | DenseKV | GrowingKV | torch.Tensor) -> torch.Tensor:
+        """``meta`` is the paged-cache metadata at inference; :class:`DenseKV` for keys/values in
+        the caller's dense buffers; :class:`GrowingKV` for training-time test; or, for training
+        without a cache, a boolean mask ``[..., T, T]`` (True = may attend) over ``x`` of
+        ``[..., T, C]``."""
         lead = x.shape[:-1]
         if isinstance(meta, torch.Tensor):
             o = self._dense_attention(*self.project_qkv(x, positions), meta)
+        elif isinstance(meta, (DenseKV, GrowingKV)):
+            o = meta.attend(self, x, positions)
         else:
             q, k, v = self._project_heads(x)
             q = rope_and_write_kv(q, k, v, positions, self.rope.cos, self.rope.sin,

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 import torch
 
 from parspec.config import ConfigError, ModelConfig, read_json
+from parspec.models.layers import DenseKV
 from parspec.speculative.proposer import sample_drafts
 from parspec.transfer import to_device
 
@@ -102,34 +103,14 @@ class Eagle3Chain:
         # the static step's schedule: token, position, active per pass and row; the first 3 * steps * b
         # elements, viewed [3, steps, b], are rows-bucket b's (contiguous: one plain copy fills them)
         self._schedule = torch.zeros(3 * steps * max_rows, dtype=torch.int64, device=device)
-        self._pass = None  # (rows, tokens per row, mask, end) of the running pass
-        for i, attn in enumerate(layers):
-            attn.forward = self._dense_forward(attn, i)  # an instance attribute shadows the class's forward
+        self._buffers = {attn: (k, v) for attn, k, v in zip(layers, self.k, self.v)}
 
     # --- the head over dense per-row buffers ----------------------------------------------------
-    def _dense_forward(self, attn, layer: int):
-        """Attention of head layer ``layer`` over the dense buffers: ``x`` holds B rows x T tokens
-        (flattened); keys/values are written at the tokens' positions, then attended by position."""
-        def forward(x, positions, meta):
-            b, t, mask, end = self._pass
-            q, k, v = attn.project_qkv(x.view(b, t, -1), positions.view(b, t))
-            rows = torch.arange(b, device=x.device)[:, None]
-            self.k[layer][rows, positions.view(b, t)] = k
-            self.v[layer][rows, positions.view(b, t)] = v
-            o = attn._dense_attention(q, self.k[layer][:b, :end], self.v[layer][:b, :end], mask)
-            return attn.o_proj(o.reshape(b * t, attn.q_size))
-        return forward
-
     def _run(self, tokens: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor, end: int):
         """One head forward over ``tokens``/``positions`` [B, T] (hidden [B*T, H]); ``end``: one past
         the largest real position (host-known). Returns (normed, output hidden), [B*T, H] each."""
         b, t = tokens.shape
-        mask = torch.arange(end, device=tokens.device)[None, None, :] <= positions[:, :, None]
-        self._pass = (b, t, mask, end)
-        try:
-            return self.head(tokens.flatten(), positions.flatten(), hidden, None)
-        finally:
-            self._pass = None
+        return self.head(tokens.flatten(), positions.flatten(), hidden, DenseKV(self._buffers, b, t, end))
 
     def _features(self, aux: torch.Tensor) -> torch.Tensor:
         """The activation's aux slots [T, A, H] -> concatenated in aux-layer order [T, A*H]."""

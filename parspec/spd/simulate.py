@@ -45,11 +45,11 @@ counts them per cycle)."""
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
 
+from parspec.models.layers import DenseKV
 from parspec.spd.features import _stream
 
 
@@ -218,34 +218,12 @@ class Eagle3Drafting:
 
     # --- the head over dense per-position keys/values ---------------------------------------------
 
-    @contextlib.contextmanager
-    def _dense_kv(self):
-        """While active, the head's attention layers write their keys/values at the queries'
-        positions in this sequence's buffers and attend to every position <= the query's."""
-        def dense(attn, kbuf, vbuf):
-            def forward(x, positions, meta):
-                q, k, v = attn.project_qkv(x, positions)
-                kbuf[positions], vbuf[positions] = k, v
-                end = int(positions.max()) + 1
-                mask = torch.arange(end, device=positions.device)[None, :] <= positions[:, None]
-                o = attn._dense_attention(q, kbuf[:end], vbuf[:end], mask)
-                return attn.o_proj(o.reshape(len(positions), attn.q_size))
-            return forward
-
-        layers = self.head.attention_layers
-        for attn, kbuf, vbuf in zip(layers, self.k, self.v):
-            attn.forward = dense(attn, kbuf, vbuf)  # an instance attribute shadows the class's forward
-        try:
-            yield
-        finally:
-            for attn in layers:
-                del attn.forward
-
     def _run(self, tokens: list[int], positions: list[int], hidden: torch.Tensor):
+        """The head over this sequence's dense keys/values (one row), attending up to the last position."""
         device = hidden.device
-        with self._dense_kv():
-            return self.head(torch.tensor(tokens, device=device), torch.tensor(positions, device=device),
-                             hidden, None)
+        meta = DenseKV({a: (k[None], v[None]) for a, k, v in zip(self.head.attention_layers, self.k, self.v)},
+                       1, len(tokens), max(positions) + 1)
+        return self.head(torch.tensor(tokens, device=device), torch.tensor(positions, device=device), hidden, meta)
 
     def _features(self, positions) -> torch.Tensor:
         """fc of the target's aux features (concatenated in aux-layer order) at ``positions``."""

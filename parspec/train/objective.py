@@ -10,12 +10,12 @@ own distributions, which are as valid on the prompt as on the response."""
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from parspec.models.layers import GrowingKV
 from parspec.train.data import Batch, Captured
 from parspec.train.layout import Entries, Plan, attention_mask, deep_entries, real_entries, step_entries
 
@@ -89,34 +89,6 @@ def peagle_forward(drafter, batch: Batch, cap: Captured, plan: Plan, a: int, e: 
     return normed, ent
 
 
-@contextlib.contextmanager
-def reused_keys_values(drafter):
-    """While active, each attention layer of ``drafter`` keeps the keys/values (after rope)
-    of everything it has run and attends over them plus the new queries; the mask passed
-    to the drafter is then [B, Nq, Nk] with the queries as the last Nq keys. This is the
-    dense training path of PagedSelfAttention with a growing K/V list, so TTT step i runs
-    only its own new entries."""
-    layers = drafter.attention_layers
-
-    def reusing(attn, kept: dict):
-        def forward(x, positions, mask):
-            lead = x.shape[:-1]
-            q, k, v = attn.project_qkv(x, positions)
-            if kept:
-                k, v = torch.cat([kept["k"], k], dim=-3), torch.cat([kept["v"], v], dim=-3)
-            kept["k"], kept["v"] = k, v
-            return attn.o_proj(attn._dense_attention(q, k, v, mask).reshape(*lead, attn.q_size))
-        return forward
-
-    for attn in layers:
-        attn.forward = reusing(attn, {})  # an instance attribute shadows the class's forward
-    try:
-        yield
-    finally:
-        for attn in layers:
-            del attn.forward
-
-
 def ttt_forward(drafter, batch: Batch, cap: Captured, plan: Plan, a: int, e: int):
     """EAGLE-3 training-time test; yields (normed, entries) of step 0, 1, ... in turn.
 
@@ -125,20 +97,20 @@ def ttt_forward(drafter, batch: Batch, cap: Captured, plan: Plan, a: int, e: int
     it attends to the real entries <= p and to its anchor's slots of steps 1..i, whose
     keys/values the earlier steps left behind."""
     real = real_entries(batch, plan, a, e)
-    keys = [real]
-    with reused_keys_values(drafter):
-        normed, prenorm = drafter(real.token, real.pos, drafter.project(cap.features[:, :e]), real.mask())
-        yield normed, real
-        previous = prenorm[:, a:e]
-        for i in range(1, plan.num_depths):
-            if not plan.present[:, i, a:e].any():
-                return  # deeper steps have even fewer anchors
-            step = step_entries(batch, plan, a, e, i, scored=True)
-            keys.append(step)
-            mask = attention_mask(step.anchor, step.depth, torch.cat([k.anchor for k in keys], dim=1),
-                                  torch.cat([k.depth for k in keys], dim=1))
-            normed, previous = drafter(step.token, step.pos, previous, mask)
-            yield normed, step
+    keys, kept = [real], {}  # kept: each attention layer's keys/values of the steps so far
+    normed, prenorm = drafter(real.token, real.pos, drafter.project(cap.features[:, :e]),
+                              GrowingKV(real.mask(), kept))
+    yield normed, real
+    previous = prenorm[:, a:e]
+    for i in range(1, plan.num_depths):
+        if not plan.present[:, i, a:e].any():
+            return  # deeper steps have even fewer anchors
+        step = step_entries(batch, plan, a, e, i, scored=True)
+        keys.append(step)
+        mask = attention_mask(step.anchor, step.depth, torch.cat([k.anchor for k in keys], dim=1),
+                              torch.cat([k.depth for k in keys], dim=1))
+        normed, previous = drafter(step.token, step.pos, previous, GrowingKV(mask, kept))
+        yield normed, step
 
 
 def segment_loss(method: str, drafter, batch: Batch, cap: Captured, plan: Plan, a: int, e: int,
