@@ -22,7 +22,7 @@ from parspec.spd.eagle3 import Eagle3Chain, plan_rows
 from parspec.spd.engine import PipelineEngine
 
 from tests.test_spd_pipeline import (BOUND, COMMON, N, PROMPT, SAMPLED, V, _inputs, _live, _shutdown_at_end,  # noqa: F401
-                                     exact_joint, shutdown_all)
+                                     assert_kv_recomputes, exact_joint, shutdown_all)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -70,6 +70,9 @@ def test_greedy_spd_with_eagle3_is_lossless_and_accepts_as_the_replay(fixture_ru
         assert (stats["num_draft_tokens"], stats["num_accepted_tokens"]) == (sum(replay.verified),
                                                                               sum(replay.accepted)), prompt
     assert engine.stats.num_accepted_tokens > 0
+    assert engine.stats.num_draft_tokens > engine.stats.num_accepted_tokens  # rejections rolled back
+    # after them, every stage's KV equals a fresh recomputation of each final sequence
+    assert_kv_recomputes(engine, TARGET, outs, fixture_run["prompts"])
     shutdown_all()
 
 
