@@ -3,7 +3,7 @@
 #   tests     the GPU tests ($GPU_TESTS, default all of tests/gpu)
 #   bench     parspec bench on the 8B-shaped pair ($BENCH_ARGS), HumanEval prompts from .device/
 #   profiles  benchmarks/profile_step.py on the 8B-shaped target: steady-state decode steps
-#   spd-tests (nvidia-h200-x2) the 2-GPU SPD tests (8 cases, ~100 s each: a call of its own)
+#   spd-tests (nvidia-h200-x2) the 2-GPU SPD tests (5 cases, ~100 s each: a call of its own)
 #   spd       (nvidia-h200-x2) benchmarks/spd.py on the 8B-shaped pair with each of $SPD_DRAFTERS
 #             (default: module eagle3; ~200 s each)
 #   OUT=<dir> PARSPEC_COMMIT=<sha> bash benchmarks/device_check.sh tests bench profiles

@@ -41,8 +41,9 @@ def _greedy(dtype: str, concurrency: int, **kwargs) -> list[list[int]]:
             llm.engine.shutdown()
 
 
-@pytest.mark.parametrize("concurrency", [1, 4])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+# Each case starts four engines, three of them two processes each (~100 s a case on the H200s),
+# so fp32, where no near-tie can hide a bug, runs at c=4 only, where the rows mix most.
+@pytest.mark.parametrize("dtype,concurrency", [("float32", 4), ("bfloat16", 1), ("bfloat16", 4)])
 def test_pipelined_and_spd_equal_single_gpu_greedy(dtype, concurrency):
     single = _greedy(dtype, concurrency)
     plain = _greedy(dtype, concurrency, pipeline_parallel_size=2)
@@ -55,8 +56,7 @@ def test_pipelined_and_spd_equal_single_gpu_greedy(dtype, concurrency):
 
 
 @pytest.mark.parametrize("drafter", ["spd-2", "eagle3"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_spd_graphs_on_and_off_give_identical_output(dtype, drafter):
+def test_spd_graphs_on_and_off_give_identical_output(drafter, dtype="bfloat16"):
     """The stage cycles and the SPD module as CUDA graphs or eagerly: the same kernels on the
     same padded shapes, so the same tokens, greedy and seeded-sampled."""
     from parspec import LLM, SamplingParams
