@@ -495,10 +495,8 @@ class LLMEngine:
         # classes Triton specialises integers on (a multiple of 16 or not), long enough for
         # the prefill kernels' tile sizes. At each depth: one step that also prefills a new
         # request (what every arrival causes while others decode), then two steady steps.
-        vocab = self.model_config.vocab_size
         for measure, length in ((False, 41), (True, 48)):
-            prompts = [{"prompt_token_ids": [1 + i % (vocab - 1) for i in range(min(n, self.max_model_len - 2))]}
-                       for n in (length, length + 7)]
+            prompts = [self._dummy_prompt(length), self._dummy_prompt(length + 7)]
             for b in buckets:
                 # An arrival needs a free slot: the largest bucket runs one row short (on a GPU the
                 # same bucket, since the ladder's steps are wider than one).
@@ -512,11 +510,7 @@ class LLMEngine:
                     self.abort_request(extra)
                     while self._forced_depths and self.has_unfinished_requests():
                         self.step()
-                for request_id in ids:
-                    self.abort_request(request_id)
-                while self._inflight is not None:  # an aborted step still in flight: read it, drop it
-                    self.step()
-                self._forced_depths = []
+                self._abort_warm_up(ids)
             if not measure:
                 self._compile_prefill_tiles_and_sampling(depths, params.max_tokens)
             if self.depth_policy is not None and not measure:
@@ -535,20 +529,28 @@ class LLMEngine:
         every tile of the target and of the drafter (whose chunks carry its mask slots). Then
         one seeded sampled request (its own generator: the global RNG is left alone) verifies
         by rejection sampling at each depth, as a greedy warm-up never does."""
-        vocab = self.model_config.vocab_size
         once = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=1)  # finishes in its prefill
         for n in WARM_UP_PROMPT_LENGTHS:
             if n < self.max_model_len - 1:
-                self.add_request({"prompt_token_ids": [1 + i % (vocab - 1) for i in range(n)]}, once)
+                self.add_request(self._dummy_prompt(n), once)
                 self.step()
         sampled = SamplingParams(temperature=1.0, seed=0, ignore_eos=True, max_tokens=max_tokens)
-        prompt = {"prompt_token_ids": [1 + i % (vocab - 1) for i in range(min(41, self.max_model_len - 2))]}
-        request_id = self.add_request(prompt, sampled).request_id
+        request_id = self.add_request(self._dummy_prompt(41), sampled).request_id
         self.step()  # its prefill: sampled verification of no drafts
         self._forced_depths = list(depths)
         while self._forced_depths and self.has_unfinished_requests():
             self.step()
-        self.abort_request(request_id)
+        self._abort_warm_up([request_id])
+
+    def _dummy_prompt(self, n: int) -> dict:
+        """warm_up()'s prompt of ``n`` tokens (fewer if the context is shorter)."""
+        vocab = self.model_config.vocab_size
+        return {"prompt_token_ids": [1 + i % (vocab - 1) for i in range(min(n, self.max_model_len - 2))]}
+
+    def _abort_warm_up(self, request_ids: list[str]) -> None:
+        """Ends warm_up()'s dummy requests: aborted, a step still in flight read and dropped."""
+        for request_id in request_ids:
+            self.abort_request(request_id)
         while self._inflight is not None:
             self.step()
         self._forced_depths = []
