@@ -45,6 +45,7 @@ per-cycle timings are CUDA events on a GPU, read at the end of a generate() call
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import weakref
@@ -150,12 +151,12 @@ class PipelineEngine:
             self.bounds = stage_bounds(model_cfg.num_hidden_layers, n)
         except ValueError as e:
             raise ConfigError(str(e)) from e
-        self.use_eagle3 = False  # the SPD drafter is an EAGLE-3 head (else the SPD module)
+        self.eagle3 = False  # SPD drafts with an EAGLE-3 head (Eagle3Chain), not the SPD module
         if self.spec_config is not None:
             path = self.spec_config.model
             if path and os.path.isdir(path) and is_eagle3_dir(path):
                 check_spd_head(path, model_cfg)
-                self.use_eagle3 = True
+                self.eagle3 = True
             else:
                 _check_module_dir(path, n, self.bounds)
         self.device = _rank0_device(cfg)
@@ -201,23 +202,16 @@ class PipelineEngine:
                            cfg.block_size, self.max_positions, cfg.max_num_seqs, use_graphs)
         for rank in range(1, n):  # each worker says it has loaded its stage
             ch.small_from(1, rank)
-        if self.use_eagle3:
+        self.module_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.use_graphs = use_graphs
+        self.module_graphs: GraphCache | None = None
+        if self.eagle3:
             self._start_eagle3()
         elif self.spec_config is not None:
             from parspec.spd.module import SPDModule
             model = self.stage.model
             self.drafter = SPDModule.from_pretrained(self.spec_config.model, model.model.embed_tokens,
                                                      model.model.norm, model.lm_head, self.device, self.dtype)
-        self.module_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self.use_graphs = use_graphs
-        self.module_graphs: GraphCache | None = None
-        self.eagle3_graphs: GraphCache | None = None
-        if self.use_eagle3:
-            # The head's static step replays beside stage 0 like the module's graph: its own
-            # capture stream, hence its own cuBLAS workspace (see _module_buffers).
-            capture = torch.cuda.Stream(self.device) if use_graphs else None
-            self.eagle3_graphs = GraphCache(self.drafter.forward_static, enabled=use_graphs,
-                                            capture_error_mode="thread_local", capture_stream=capture)
 
     def _start_eagle3(self) -> None:
         """Load the head on rank 0 and make every stage carry its aux features (AUX command)."""
@@ -227,11 +221,11 @@ class PipelineEngine:
         aux = self.drafter.aux_layers
         self.channel.command([AUX, len(aux)], torch.tensor(aux, dtype=torch.int64))
         self.stage.set_aux(aux)
-
-    @property
-    def eagle3(self) -> bool:
-        """SPD drafts with an EAGLE-3 head (``Eagle3Chain``) rather than the SPD module."""
-        return isinstance(self.drafter, Eagle3Chain)
+        # The head's static step replays beside stage 0 like the module's graph: its own
+        # capture stream, hence its own cuBLAS workspace (see _module_buffers).
+        capture = torch.cuda.Stream(self.device) if self.use_graphs else None
+        self.eagle3_graphs = GraphCache(self.drafter.forward_static, enabled=self.use_graphs,
+                                        capture_error_mode="thread_local", capture_stream=capture)
 
     def _module_buffers(self) -> None:
         """Static window buffers and graphs of the module (again if the drafter was replaced)."""
@@ -617,14 +611,8 @@ class PipelineEngine:
             depths[r.index, t - 1 - d] = n
             ids[r.index, t - 1 - d] = r.exit_token
             src[r.index, t - 1 - d] = n
-        stream = self.module_stream
-        if stream is not None:
-            stream.wait_event(ready)
-            for t_in in [exit_feat] + [f for f in features if f is not None] + ([self.history] if C else []):
-                t_in.record_stream(stream)  # main-stream memory read here: not reused before the module ran
-        ctx = torch.cuda.stream(stream) if stream is not None else _nullcontext()
-        with ctx:
-            start = self._timer_start(stream)
+        reads = [exit_feat] + [f for f in features if f is not None] + ([self.history] if C else [])
+        with self._beside_stage0(ready, reads) as stream:
             host = window.pin_memory() if stream is not None else window
             self.module_window[:, :b].copy_(host, non_blocking=True)
             for k, f in enumerate(features[:n - 1] + [exit_feat], start=1):
@@ -639,25 +627,33 @@ class PipelineEngine:
                 self.module_sources[n + 1:, :b].copy_(self.history)
             logits = self.module_graphs.run(b)
             self.drafts = self._sample_drafts(c + 1, logits)
+
+    @contextlib.contextmanager
+    def _beside_stage0(self, ready, reads: list[torch.Tensor] = ()):
+        """The drafter's work, timed as "module": on a GPU on its own stream, which waits only for
+        ``ready`` (its inputs queued), not for stage 0; ``reads``: main-stream tensors it reads,
+        kept from reuse until it ran. Yields the stream (None on the CPU)."""
+        stream = self.module_stream
+        if stream is not None:
+            stream.wait_event(ready)
+            for t in reads:
+                t.record_stream(stream)
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            start = self._timer_start(stream)
+            yield stream
             self._timer_stop("module", start, stream)
 
     def _draft_eagle3(self, c: int, rows: list[_Row], ready) -> None:
         """EAGLE-3: every live row's chain from its anchor through its in-flight tokens (see
         ``parspec.spd.eagle3``), beside stage 0 like the module; the schedule is host-known."""
         plans = plan_rows(rows, lambda r: not r.done and bool(r.inflight))
-        stream = self.module_stream
-        if stream is not None:
-            stream.wait_event(ready)
-        ctx = torch.cuda.stream(stream) if stream is not None else _nullcontext()
-        with ctx:
-            start = self._timer_start(stream)
+        with self._beside_stage0(ready):
             sampled = self.q_ring is not None
             drafts, q = self.drafter.draft(plans, self.sampling if sampled else None,
                                            self.generators if sampled else None, run=self._eagle3_step)
             if q is not None:  # the draft's distribution, for verification by the cycle it enters
                 self.q_ring[(c + 1) % (self.num_stages + 1)] = q
             self.drafts = drafts
-            self._timer_stop("module", start, stream)
 
     def _new_anchors(self, idx: torch.Tensor, aux: torch.Tensor) -> None:
         """The exit's aux features become ``idx``'s anchors, in place (the head's graphs read that
@@ -844,14 +840,6 @@ class PipelineEngine:
     def reset_stats(self) -> None:
         self.stats = SpecStats()
         self.times = PipelineTimes()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _rank0_device(cfg: EngineConfig) -> torch.device:
