@@ -60,9 +60,11 @@ def grads_for(trainer: Trainer, bounds, step=0) -> tuple[float, dict]:
     return loss, {n: p.grad.clone() for n, p in trainer.drafter.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("method", ["p-eagle", "eagle3"])
+@pytest.mark.parametrize("method", ["p-eagle", "eagle3", "p-eagle-greedy-only"])
 def test_sequence_partition_gives_whole_sequence_gradients(tiny, tmp_path, method):
-    trainer = make_trainer(tiny, method, tmp_path)
+    greedy_only = method == "p-eagle-greedy-only"
+    method = method.removesuffix("-greedy-only")
+    trainer = make_trainer(tiny, method, tmp_path, deep_greedy_only=greedy_only)
     A = max(LENGTHS) - 1
     loss_full, full = grads_for(trainer, [(0, A)])
     loss_seg, seg = grads_for(trainer, [(0, 3), (3, 11), (11, A)])  # unequal segments
@@ -473,3 +475,54 @@ def test_peagle_warm_starts_from_an_eagle3_head_of_its_shape(tiny, tmp_path):
     assert math.isfinite(par.train_step()["loss"])
     with pytest.raises(ConfigError, match="intermediate_size"):  # other differences still refused
         make_trainer(tiny, "p-eagle", tmp_path / "c", init_from=saved, **{**shape, "intermediate_size": 32})
+
+
+def test_deep_greedy_only_trains_mask_slots_only_over_greedy_output(tiny, tmp_path):
+    """--deep-greedy-only: depth 0 everywhere; depth d >= 1 of anchor p only in a greedy
+    response with p >= prompt length - 2 (the skipped tokens x[p+2..] are the target's greedy
+    output); elsewhere the plan is the plain one. Evaluation (step None) keeps every entry."""
+    K = 4
+    trainer = make_trainer(tiny, "p-eagle", tmp_path, num_speculative_tokens=K, deep_greedy_only=True)
+    batch, cap = trainer._capture(list(range(len(LENGTHS))))
+    plain = make_plan(batch, cap, K, 0.8)
+    clean = make_plan(batch, cap, K, 0.8, greedy_only=True)
+    assert torch.equal(clean.present[:, 0], plain.present[:, 0])
+    for b, n in enumerate(LENGTHS):
+        greedy, prompt = bool(batch.greedy[b]), int(batch.prompt_lens[b])
+        for d in range(1, K):
+            for p in range(n - 1):
+                want = bool(plain.present[b, d, p]) and greedy and p >= prompt - 2
+                assert bool(clean.present[b, d, p]) == want, (b, d, p)
+    assert bool(batch.greedy.any()) and not bool(batch.greedy.all())  # both kinds are exercised
+    assert clean.present[:, 1:].sum() < plain.present[:, 1:].sum()
+    # Depth weights are renormalised over the entries kept: each depth's weights sum to decay^d.
+    for d in range(K):
+        assert float(clean.weight[:, d].sum()) == pytest.approx(0.8 ** d, rel=1e-5)
+    with pytest.raises(ConfigError, match="deep_greedy_only is a P-EAGLE option"):
+        TrainConfig(method="eagle3", deep_greedy_only=True)
+
+
+def test_peagle_head_grows_deeper_and_drafts_as_before(tiny, tmp_path):
+    """A warm start may add layers on top of a saved head: their output projections start at
+    zero, so the grown head's logits equal the saved head's until training moves them."""
+    shape = dict(num_heads=2, num_kv_heads=1, head_dim=8, intermediate_size=16)
+    first = make_trainer(tiny, "p-eagle", tmp_path / "a", num_layers=2, **shape)
+    for _ in range(2):
+        first.train_step()
+    saved = first.save_head(str(tmp_path / "head"))
+    grown = make_trainer(tiny, "p-eagle", tmp_path / "b", num_layers=4, init_from=saved, seed=5, **shape)
+    assert grown.cfg.num_hidden_layers == 4
+    for layer in grown.drafter.layers[2:]:
+        assert not layer.self_attn.o_proj.weight.any() and not layer.mlp.down_proj.weight.any()
+        assert layer.self_attn.qkv_proj.weight.any()  # the rest of a new layer starts random
+    before = make_trainer(tiny, "p-eagle", tmp_path / "c", num_layers=2, init_from=saved, **shape)
+    with torch.no_grad():
+        batch, cap, plan = _plan(before, step=1)
+        outs = [d.compute_logits(peagle_forward(d, batch, cap, plan, 0, max(LENGTHS) - 1, mask_token_id=1)[0])
+                for d in (before.drafter.eval(), grown.drafter.eval())]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    grown.drafter.train()
+    grown.train_step()
+    assert grown.drafter.layers[3].self_attn.o_proj.weight.any()
+    with pytest.raises(ConfigError, match="may grow deeper, not shallower"):
+        make_trainer(tiny, "p-eagle", tmp_path / "d", num_layers=1, init_from=saved, **shape)

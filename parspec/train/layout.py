@@ -47,9 +47,15 @@ def depth_keep_fractions(num_depths: int, keep: float, min_keep: float) -> list[
 
 
 def make_plan(batch: Batch, cap: Captured, num_depths: int, decay: float,
-              keep_fractions: list[float] | None = None, generator: torch.Generator | None = None) -> Plan:
+              keep_fractions: list[float] | None = None, generator: torch.Generator | None = None,
+              greedy_only: bool = False) -> Plan:
     """Entries with a label inside the sequence (p + 1 + d <= length - 1), optionally a
-    nested seeded subset per depth: anchor p is kept at depth d when u[b, p] < fraction[d]."""
+    nested seeded subset per depth: anchor p is kept at depth d when u[b, p] < fraction[d].
+
+    ``greedy_only`` keeps depths d >= 1 only at anchors whose skipped tokens x[p+2..p+1+d]
+    the target chose greedily (a greedy response, p >= prompt length - 2). A mask slot never
+    sees those tokens, so elsewhere (prompt text, sampled responses) its label depends on
+    tokens it cannot know; in greedy decoding it is only ever asked about greedy ones."""
     B, T = batch.tokens.shape
     A, K, device = T - 1, num_depths, batch.tokens.device
     p = torch.arange(A, device=device)
@@ -59,6 +65,9 @@ def make_plan(batch: Batch, cap: Captured, num_depths: int, decay: float,
         u = torch.rand(B, A, generator=generator).to(device)
         frac = torch.tensor(keep_fractions, device=device)
         present &= u[:, None, :] < frac[None, :, None]
+    if greedy_only:
+        clean = batch.greedy[:, None] & (p[None, :] >= batch.prompt_lens[:, None] - 2)  # [B, A]
+        present[:, 1:] &= clean[:, None, :]
     label = (p[None, :] + 1 + d[:, None]).clamp(max=T - 1)  # [K, A]
     label_ok = cap.label_ok.gather(1, label.reshape(1, -1).expand(B, -1)).view(B, K, A)
     scored = present & label_ok

@@ -74,7 +74,9 @@ def render_card(m: dict) -> str:
         spec["parallel_drafting"] = True
         mask_line = f"- mask token id {drafter.get('mask_token_id')} (P-EAGLE's mask slots; mask_hidden learned)"
         depths = (f"Depth d >= 1 keeps {cfg['deep_keep']}^d of the anchors (at least {cfg['deep_min_keep']}), "
-                  "nested, seeded per step.")
+                  "nested, seeded per step."
+                  + (" Depths d >= 1 train only at anchors whose skipped tokens are the target's greedy output "
+                     "(`--deep-greedy-only`)." if cfg.get("deep_greedy_only") else ""))
     else:
         mask_line = ""
         depths = "Training-time test: step i feeds the step i-1 output back in, over the K steps."

@@ -131,6 +131,7 @@ class TrainConfig:
     depth_decay: float = 0.8
     deep_keep: float = 0.7  # P-EAGLE keeps deep_keep^d of the anchors at depth d ...
     deep_min_keep: float = 0.2  # ... and at least this fraction
+    deep_greedy_only: bool = False  # P-EAGLE: depths >= 1 only where the tokens they skip are greedy output
     segment_len: int = 256  # anchors per segment; 0 = whole sequences
     heldout: int = 128  # held-out sequences (at most a fifth of the data)
     eval_every: int = 500
@@ -160,6 +161,9 @@ class TrainConfig:
         if not (0 < self.deep_keep <= 1 and 0 < self.deep_min_keep <= 1):
             raise ConfigError(f"deep_keep and deep_min_keep must be in (0, 1], got {self.deep_keep}, "
                               f"{self.deep_min_keep}")
+        if self.deep_greedy_only and self.method != "p-eagle":
+            raise ConfigError("deep_greedy_only is a P-EAGLE option (EAGLE-3's training-time test feeds the "
+                              f"real tokens in), got method {self.method!r}")
         if self.num_heads is not None and self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.segment_len < 0:
@@ -305,15 +309,24 @@ class Trainer:
     def _init_from_head(self, head: Eagle3Drafter, path: str) -> None:
         """Warm start from a saved head of the same shape (its draft vocabulary already adopted).
         A P-EAGLE run may start from an EAGLE-3 head: every shared weight is copied and only the
-        mask slot's hidden state (``mask_hidden``) starts fresh, from the mean target feature."""
+        mask slot's hidden state (``mask_hidden``) starts fresh, from the mean target feature.
+        A head may also grow deeper than the one it starts from: the extra layers go on top,
+        their output projections (o_proj, down_proj) zero, so they add nothing to the residual
+        stream and the grown head drafts exactly as the saved one until training moves them."""
         mine, theirs = self.cfg.to_dict(), head.config.to_dict()
         from_sequential = self.cfg.parallel_drafting and not head.config.parallel_drafting
+        grown = self.cfg.num_hidden_layers - head.config.num_hidden_layers
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)
-                      and not (from_sequential and k in self.PARALLEL_KEYS))
+                      and not (from_sequential and k in self.PARALLEL_KEYS)
+                      and not (k == "num_hidden_layers" and grown > 0))
         if diff:
-            raise ConfigError(f"cannot warm-start from {path}: its head differs in {', '.join(diff)}")
+            raise ConfigError(f"cannot warm-start from {path}: its head differs in {', '.join(diff)}"
+                              + (" (a head may grow deeper, not shallower)" if "num_hidden_layers" in diff else ""))
         state = {n: t for n, t in head.state_dict().items() if not n.startswith("embed_tokens.")}
         self.drafter.load_state_dict(state, strict=False)
+        for layer in self.drafter.layers[head.config.num_hidden_layers:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
 
     # --- data ---------------------------------------------------------------------------
     def _batch_indices(self, step: int) -> list[int]:
@@ -351,7 +364,8 @@ class Trainer:
         if step is not None and self.tc.method == "p-eagle":
             keep = self.keep
             generator = torch.Generator().manual_seed(self.tc.seed * 1_000_003 + step)
-        plan = make_plan(batch, cap, K, self.tc.depth_decay, keep, generator)
+        plan = make_plan(batch, cap, K, self.tc.depth_decay, keep, generator,
+                         greedy_only=self.tc.deep_greedy_only and step is not None)
         A = batch.tokens.shape[1] - 1
         stats = DepthStats.zeros(K, self.device, (len(indices), K, A) if chain else None)
         total = 0.0
