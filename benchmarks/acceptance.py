@@ -28,7 +28,7 @@ SEED_REFERENCE = {"K=3": 3.02, "K=7": 3.94}
 
 
 def methods(args) -> dict:
-    pair = ModelPair.under(FIX)
+    pair = ModelPair.under(args.pair)
     return {name: (lambda k, name=name: spec_config(name, k, pair)) for name in args.methods}
 
 
@@ -43,6 +43,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--pair", default=FIX, help="a directory holding target/, draft/, eagle3/ and p-eagle/ "
+                    "(default: the reference pair in fixtures/; e.g. candidate heads beside its target)")
     args = ap.parse_args(argv)
     commit = git_commit()  # the code that runs is the code checked out now, not at the end
 
@@ -50,7 +52,7 @@ def main(argv=None) -> int:
 
     prompts = read_prompts(args.prompts, args.num_prompts)
     ks = [int(k) for k in args.ks.split(",")]
-    target = os.path.join(FIX, "target")
+    target = os.path.join(args.pair, "target")
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     common = dict(dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs, max_model_len=2048)
     base = LLM(target, **common)
@@ -81,6 +83,7 @@ def main(argv=None) -> int:
         "device": device_name(device), "dtype": args.dtype, "commit": commit,
         "python": sys.version.split()[0], "torch": torch.__version__,
         "prompts": os.path.basename(args.prompts), "num_prompts": len(prompts), "max_tokens": args.max_tokens,
+        "pair": os.path.relpath(args.pair, REPO) if args.pair == FIX else args.pair,
         "target": "fixtures/reference/target", "ks": ks, "results": results,
         "seed_reference_llama31_8b_humaneval_p_eagle": SEED_REFERENCE,
     }
