@@ -395,7 +395,9 @@ def test_train_drafter_cli_end_to_end(tiny, tmp_path, capsys):
         assert not os.path.exists(os.path.join(out, "checkpoint"))
         metrics = json.load(open(os.path.join(out, "metrics.json")))
         assert metrics["steps_done"] == 4 and len(metrics["final_eval"]["acc"]) == 3
-        assert "parspec train-drafter" in open(os.path.join(out, "README.md")).read()
+        card = open(os.path.join(out, "README.md")).read()
+        assert "parspec train-drafter" in card and "--segment-len 8" in card
+        assert "--module-hidden-size" not in card and "--num-stages" not in card  # SPD's options only
         heads[method] = out
     assert "from " + data_path in text.out  # the second run read the first one's data
     cfg = json.load(open(os.path.join(heads["p-eagle"], "config.json")))

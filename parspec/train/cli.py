@@ -86,10 +86,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--keep-checkpoint", action="store_true")
 
 
+# Options of --method spd alone, at their defaults: other methods refuse them, and their cards leave them out.
+SPD_ONLY = {"num_stages": 2, "module_hidden_size": 256, "mixer": "mlp", "context": 0, "max_windows": 0,
+            "lookahead": 1}
+
+
 def command_line(args) -> str:
     parts = ["parspec", "train-drafter"]
     for key, value in sorted(vars(args).items()):
         if key in ("func", "command") or value is None or value is False:
+            continue
+        if key in SPD_ONLY and getattr(args, "method", "spd") != "spd":
             continue
         flag = "--" + key.replace("_", "-")
         parts += [flag] if value is True else [flag, str(value)]
@@ -113,8 +120,7 @@ def run(args) -> int:
         if not args.data_only:
             check_out_dir(args.out, False, args.overwrite)
         return _train_spd(args, tc, _prepare_data(args, target_cfg))
-    spd_only = {"num_stages": 2, "module_hidden_size": 256, "mixer": "mlp", "max_windows": 0, "lookahead": 1}
-    given = [k for k, default in spd_only.items() if getattr(args, k, default) != default]
+    given = [k for k, default in SPD_ONLY.items() if getattr(args, k, default) != default]
     if given:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         raise ConfigError(f"--method {args.method} does not take {flags} (options of --method spd)")
