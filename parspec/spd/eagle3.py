@@ -179,14 +179,22 @@ class Eagle3Chain:
         no host sync: capturable as a CUDA graph. Returns draft-vocabulary logits [b, V']."""
         b, span = key
         tokens, positions, active = self.schedule(b)
-        hidden, normed = self.chain_hidden[:b], self.chain_normed[:b]
         for s in range(self.steps):
-            source = self.head.project(self.anchor_aux[:b]) if s == 0 else hidden
-            new_normed, new_hidden = self._run(tokens[s, :, None], positions[s, :, None], source, span)
-            keep = active[s, :, None] != 0
-            hidden.copy_(torch.where(keep, new_hidden, hidden))
-            normed.copy_(torch.where(keep, new_normed, normed))
-        return self.head.compute_logits(normed)
+            self._pass(s == 0, tokens[s], positions[s], active[s], span)
+        return self.head.compute_logits(self.chain_normed[:b])
+
+    def _pass(self, first: bool, tokens: torch.Tensor, positions: torch.Tensor, active: torch.Tensor,
+              span: int) -> None:
+        """One pass over rows 0..b-1 (``tokens``, ``positions``, ``active``: [b]): pass 0 reads the
+        anchors' projected aux features, later ones the previous output hidden; the chain state
+        of active rows takes the new outputs, inactive rows keep theirs."""
+        b = tokens.shape[0]
+        hidden, normed = self.chain_hidden[:b], self.chain_normed[:b]
+        source = self.head.project(self.anchor_aux[:b]) if first else hidden
+        new_normed, new_hidden = self._run(tokens[:, None], positions[:, None], source, span)
+        keep = active[:, None] != 0
+        hidden.copy_(torch.where(keep, new_hidden, hidden))
+        normed.copy_(torch.where(keep, new_normed, normed))
 
     @contextmanager
     def idle_passes(self, b: int):
@@ -214,14 +222,9 @@ class Eagle3Chain:
         table, _ = self._table(plans, steps)
         ends = [max([p + 1 for p, a in zip(pos, act) if a], default=1) for pos, act in zip(*table[1:].tolist())]
         table = table.to(self.device)
-        hidden, normed = self.chain_hidden[:b], self.chain_normed[:b]
         for s_i, s in enumerate(steps):
-            source = self.head.project(self.anchor_aux[:b]) if s == 0 else hidden
-            new_normed, new_hidden = self._run(table[0, s_i, :, None], table[1, s_i, :, None], source, ends[s_i])
-            active = table[2, s_i, :, None].bool()
-            hidden.copy_(torch.where(active, new_hidden, hidden))
-            normed.copy_(torch.where(active, new_normed, normed))
-        return self.head.compute_logits(normed)
+            self._pass(s == 0, table[0, s_i], table[1, s_i], table[2, s_i], ends[s_i])
+        return self.head.compute_logits(self.chain_normed[:b])
 
     def _table(self, plans: list[ChainPlan | None], steps: range) -> tuple[torch.Tensor, int]:
         """The host schedule [3 (token, position, active), len(steps), B] of passes ``steps``

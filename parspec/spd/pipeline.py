@@ -53,6 +53,7 @@ from parspec.cuda_graphs import GraphCache, shared_pool
 from parspec.kv_cache import allocate_kv_cache, bind_kv_cache
 from parspec.loader import LoadError, load_weights, safetensors_files
 from parspec.metadata import decode_metadata
+from parspec.spd.features import _stream
 
 # Multicast over NVLink (NVLS) is off on the lent GPU machines; every process sets these.
 ENV_FLAGS = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -178,7 +179,7 @@ class Stage:
         for i in range(self.start, self.stop):
             for j, layer in enumerate(self.aux_layers):
                 if layer == i:  # the residual stream entering layer i, as forward(aux_layers=...) captures it
-                    aux[j] = hidden if residual is None else hidden + residual
+                    aux[j] = _stream(hidden, residual)
             hidden, residual = self.model.forward_layers(hidden, residual, positions, meta, i, i + 1)
         return torch.stack([hidden, residual] + aux, dim=1)
 
