@@ -8,7 +8,10 @@ decode steps (Triton compiles, CUDA graphs are captured), then measures over ``-
 steps: the step time with CUDA events (what a user waits for), the host time of one step,
 the kernels launched and GPU time per step (torch.profiler), host synchronisations per
 step (torch.cuda.set_sync_debug_mode), and the memory roofline of the step (bytes of the
-target's weights / device-to-device copy bandwidth measured in the same run)."""
+target's weights / device-to-device copy bandwidth measured in the same run). The host time of a
+step is split into launching work (drafting, the target forward and verification queued on the
+device), waiting for a step's result (``StepOutput.fetch``'s synchronisation) and the rest
+(scheduling, bookkeeping): a wait near zero means the host, not the GPU, sets the pace."""
 
 from __future__ import annotations
 
@@ -55,6 +58,7 @@ def main(argv=None) -> int:
         engine.step()
     torch.cuda.synchronize()
 
+    parts = _time_host_parts(engine)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(args.steps + 1)]
     host = []
     starts[0].record()
@@ -65,6 +69,9 @@ def main(argv=None) -> int:
         starts[i + 1].record()
     torch.cuda.synchronize()
     step_ms = [starts[i].elapsed_time(starts[i + 1]) for i in range(args.steps)]
+    parts.stop()
+    host_parts = {f"{name}_ms": 1e3 * total / args.steps for name, total in parts.totals.items()}
+    host_parts["other_ms"] = 1e3 * sum(host) / args.steps - host_parts["launch_ms"] - host_parts["wait_ms"]
 
     prof_steps = 5
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -98,6 +105,7 @@ def main(argv=None) -> int:
         "enforce_eager": args.enforce_eager, "async_scheduling": engine.async_scheduling, "device": torch.cuda.get_device_name(),
         "commit": os.environ.get("PARSPEC_COMMIT"), "torch": torch.__version__,
         "step_ms_median": med, "step_ms_all": step_ms, "host_ms_median": statistics.median(host) * 1e3,
+        "host_ms_per_step": host_parts,
         "kernels_per_step": len(kernels) / prof_steps, "gpu_ms_per_step": gpu_us / 1e3,
         "host_syncs_per_step": len(syncs) / prof_steps, "sync_messages": sorted(set(syncs)),
         "weight_bytes": wbytes, "copy_bandwidth_GBps": bandwidth / 1e9, "roofline_ms": roof_ms,
@@ -109,12 +117,41 @@ def main(argv=None) -> int:
     print(f"step {med:.3f} ms (host {record['host_ms_median']:.3f} ms), GPU {record['gpu_ms_per_step']:.3f} ms in "
           f"{record['kernels_per_step']:.0f} kernels, {record['host_syncs_per_step']:.1f} syncs/step, roofline "
           f"{roof_ms:.3f} ms ({record['percent_of_roofline']:.1f}%), acceptance {record['acceptance_length']:.2f}")
+    print("host per step: " + ", ".join(f"{k[:-3]} {v:.3f} ms" for k, v in host_parts.items()))
     for t in record["top_kernels"]:
         print(f"  {t['us_per_step']:9.1f} us {t['calls_per_step']:6.1f}x  {t['name']}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(record, f, indent=1)
     return 0
+
+
+class _time_host_parts:
+    """Adds up the host time the engine spends in ``_launch`` and in ``StepOutput.fetch`` (the
+    step's one synchronisation) while attached; ``stop()`` restores both."""
+
+    def __init__(self, engine):
+        from parspec.step import StepOutput
+
+        self.totals = {"launch": 0.0, "wait": 0.0}  # seconds
+        self._engine, self._fetch = engine, StepOutput.fetch
+        engine._launch = self._timed(engine._launch, "launch")  # an instance attribute over the method
+        StepOutput.fetch = self._timed(StepOutput.fetch, "wait")
+
+    def _timed(self, fn, name):
+        def run(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.totals[name] += time.perf_counter() - t
+        return run
+
+    def stop(self) -> None:
+        from parspec.step import StepOutput
+
+        del self._engine._launch
+        StepOutput.fetch = self._fetch
 
 
 if __name__ == "__main__":
