@@ -256,3 +256,33 @@ def test_cli_expand_builds_the_pair_once_then_reuses_it(tmp_path, monkeypatch, c
     assert "tiny" in record["model_label"]
     assert main(["bench", "--expand", "8b"]) == 2  # needs --expand-dir
     assert "--expand-dir" in capsys.readouterr().err
+
+
+def test_profile_host_split_times_launch_and_wait_then_restores_both():
+    import time
+
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        from profile_step import _time_host_parts
+    finally:
+        sys.path.pop(0)
+    from parspec import LLM, SamplingParams
+    from parspec.step import StepOutput
+
+    engine = LLM(PAIR.target, dtype="float32", device="cpu", max_num_seqs=1, max_model_len=256).engine
+    engine.add_request({"prompt_token_ids": [5, 6, 7, 8]}, SamplingParams(temperature=0.0, max_tokens=40,
+                                                                          ignore_eos=True))
+    engine.step()  # prefill, outside the measurement
+    fetch = StepOutput.fetch
+    parts = _time_host_parts(engine)
+    t = time.perf_counter()
+    for _ in range(5):
+        engine.step()
+    host = time.perf_counter() - t
+    parts.stop()
+    launch, wait = parts.totals["launch"], parts.totals["wait"]
+    assert 0 < launch < host and 0 < wait < host and launch + wait < host
+    for _ in range(3):
+        engine.step()
+    assert parts.totals == {"launch": launch, "wait": wait}  # detached: nothing more is counted
+    assert StepOutput.fetch is fetch and "_launch" not in engine.__dict__
