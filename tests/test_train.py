@@ -528,3 +528,32 @@ def test_peagle_head_grows_deeper_and_drafts_as_before(tiny, tmp_path):
     assert grown.drafter.layers[3].self_attn.o_proj.weight.any()
     with pytest.raises(ConfigError, match="may grow deeper, not shallower"):
         make_trainer(tiny, "p-eagle", tmp_path / "d", num_layers=1, init_from=saved, **shape)
+
+
+def test_peagle_head_grows_wider_mlps_and_drafts_as_before(tiny, tmp_path):
+    """A warm start may widen the MLPs of a saved head: its units are kept, the new units'
+    down_proj columns start at zero, so the logits equal the saved head's until training."""
+    shape = dict(num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8)
+    first = make_trainer(tiny, "p-eagle", tmp_path / "a", intermediate_size=16, **shape)
+    for _ in range(2):
+        first.train_step()
+    saved = first.save_head(str(tmp_path / "head"))
+    wide = make_trainer(tiny, "p-eagle", tmp_path / "b", intermediate_size=24, init_from=saved, seed=5, **shape)
+    for old, new in zip(first.drafter.layers, wide.drafter.layers):
+        assert new.mlp.down_proj.weight.shape[1] == 24
+        torch.testing.assert_close(new.mlp.down_proj.weight[:, :16], old.mlp.down_proj.weight)
+        assert not new.mlp.down_proj.weight[:, 16:].any()
+        torch.testing.assert_close(new.mlp.gate_up_proj.weight[:16], old.mlp.gate_up_proj.weight[:16])  # gate
+        torch.testing.assert_close(new.mlp.gate_up_proj.weight[24:40], old.mlp.gate_up_proj.weight[16:])  # up
+        assert new.mlp.gate_up_proj.weight[16:24].any()  # the new gate units start random
+    before = make_trainer(tiny, "p-eagle", tmp_path / "c", intermediate_size=16, init_from=saved, **shape)
+    with torch.no_grad():
+        batch, cap, plan = _plan(before, step=1)
+        outs = [d.compute_logits(peagle_forward(d, batch, cap, plan, 0, max(LENGTHS) - 1, mask_token_id=1)[0])
+                for d in (before.drafter.eval(), wide.drafter.eval())]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    wide.drafter.train()
+    wide.train_step()
+    assert wide.drafter.layers[1].mlp.down_proj.weight[:, 16:].any()
+    with pytest.raises(ConfigError, match="may grow wider, not narrower"):
+        make_trainer(tiny, "p-eagle", tmp_path / "d", intermediate_size=8, init_from=saved, **shape)

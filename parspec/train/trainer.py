@@ -312,21 +312,41 @@ class Trainer:
         mask slot's hidden state (``mask_hidden``) starts fresh, from the mean target feature.
         A head may also grow deeper than the one it starts from: the extra layers go on top,
         their output projections (o_proj, down_proj) zero, so they add nothing to the residual
-        stream and the grown head drafts exactly as the saved one until training moves them."""
+        stream and the grown head drafts exactly as the saved one until training moves them.
+        It may grow wider MLPs the same way: the saved gate and up rows are kept, the new
+        ones start random, and the new down_proj columns start at zero."""
         mine, theirs = self.cfg.to_dict(), head.config.to_dict()
         from_sequential = self.cfg.parallel_drafting and not head.config.parallel_drafting
         grown = self.cfg.num_hidden_layers - head.config.num_hidden_layers
+        widened = self.cfg.intermediate_size - head.config.intermediate_size
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)
                       and not (from_sequential and k in self.PARALLEL_KEYS)
-                      and not (k == "num_hidden_layers" and grown > 0))
+                      and not (k == "num_hidden_layers" and grown > 0)
+                      and not (k == "intermediate_size" and widened > 0))
         if diff:
+            why = {"num_hidden_layers": "a head may grow deeper, not shallower",
+                   "intermediate_size": "an MLP may grow wider, not narrower"}
             raise ConfigError(f"cannot warm-start from {path}: its head differs in {', '.join(diff)}"
-                              + (" (a head may grow deeper, not shallower)" if "num_hidden_layers" in diff else ""))
+                              + "".join(f" ({why[k]})" for k in diff if k in why))
         state = {n: t for n, t in head.state_dict().items() if not n.startswith("embed_tokens.")}
+        if widened > 0:
+            self._widen_mlps(state, head.config.num_hidden_layers, head.config.intermediate_size)
         self.drafter.load_state_dict(state, strict=False)
         for layer in self.drafter.layers[head.config.num_hidden_layers:]:
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
+
+    def _widen_mlps(self, state: dict, num_layers: int, narrow: int) -> None:
+        """Copies the saved MLPs of ``narrow`` width into the first units of this head's wider
+        ones (taking them out of ``state``); the other units' down_proj columns become zero."""
+        for i, layer in enumerate(self.drafter.layers[:num_layers]):
+            gate_up = state.pop(f"layers.{i}.mlp.gate_up_proj.weight")  # [2 * narrow, H]: gate rows, then up
+            down = state.pop(f"layers.{i}.mlp.down_proj.weight")  # [H, narrow]
+            wide = layer.mlp.down_proj.weight.shape[1]
+            layer.mlp.gate_up_proj.weight[:narrow].copy_(gate_up[:narrow])
+            layer.mlp.gate_up_proj.weight[wide:wide + narrow].copy_(gate_up[narrow:])
+            layer.mlp.down_proj.weight.zero_()
+            layer.mlp.down_proj.weight[:, :narrow].copy_(down)
 
     # --- data ---------------------------------------------------------------------------
     def _batch_indices(self, step: int) -> list[int]:
