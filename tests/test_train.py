@@ -504,20 +504,17 @@ def test_deep_greedy_only_trains_mask_slots_only_over_greedy_output(tiny, tmp_pa
         TrainConfig(method="eagle3", deep_greedy_only=True)
 
 
-def test_peagle_head_grows_deeper_and_drafts_as_before(tiny, tmp_path):
-    """A warm start may add layers on top of a saved head: their output projections start at
-    zero, so the grown head's logits equal the saved head's until training moves them."""
-    shape = dict(num_heads=2, num_kv_heads=1, head_dim=8, intermediate_size=16)
-    first = make_trainer(tiny, "p-eagle", tmp_path / "a", num_layers=2, **shape)
+def _saved_head(tiny, tmp_path, **shape) -> tuple[Trainer, str]:
+    """A P-EAGLE head of ``shape`` trained two steps and saved: a warm start's source."""
+    first = make_trainer(tiny, "p-eagle", tmp_path / "a", **shape)
     for _ in range(2):
         first.train_step()
-    saved = first.save_head(str(tmp_path / "head"))
-    grown = make_trainer(tiny, "p-eagle", tmp_path / "b", num_layers=4, init_from=saved, seed=5, **shape)
-    assert grown.cfg.num_hidden_layers == 4
-    for layer in grown.drafter.layers[2:]:
-        assert not layer.self_attn.o_proj.weight.any() and not layer.mlp.down_proj.weight.any()
-        assert layer.self_attn.qkv_proj.weight.any()  # the rest of a new layer starts random
-    before = make_trainer(tiny, "p-eagle", tmp_path / "c", num_layers=2, init_from=saved, **shape)
+    return first, first.save_head(str(tmp_path / "head"))
+
+
+def _assert_drafts_as_saved(tiny, tmp_path, saved: str, grown: Trainer, **shape) -> None:
+    """The grown head's logits equal those of the saved head (loaded at its own shape)."""
+    before = make_trainer(tiny, "p-eagle", tmp_path / "c", init_from=saved, **shape)
     with torch.no_grad():
         batch, cap, plan = _plan(before, step=1)
         outs = [d.compute_logits(peagle_forward(d, batch, cap, plan, 0, max(LENGTHS) - 1, mask_token_id=1)[0])
@@ -525,7 +522,20 @@ def test_peagle_head_grows_deeper_and_drafts_as_before(tiny, tmp_path):
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
     grown.drafter.train()
     grown.train_step()
-    assert grown.drafter.layers[3].self_attn.o_proj.weight.any()
+
+
+def test_peagle_head_grows_deeper_and_drafts_as_before(tiny, tmp_path):
+    """A warm start may add layers on top of a saved head: their output projections start at
+    zero, so the grown head's logits equal the saved head's until training moves them."""
+    shape = dict(num_heads=2, num_kv_heads=1, head_dim=8, intermediate_size=16)
+    _, saved = _saved_head(tiny, tmp_path, num_layers=2, **shape)
+    grown = make_trainer(tiny, "p-eagle", tmp_path / "b", num_layers=4, init_from=saved, seed=5, **shape)
+    assert grown.cfg.num_hidden_layers == 4
+    for layer in grown.drafter.layers[2:]:
+        assert not layer.self_attn.o_proj.weight.any() and not layer.mlp.down_proj.weight.any()
+        assert layer.self_attn.qkv_proj.weight.any()  # the rest of a new layer starts random
+    _assert_drafts_as_saved(tiny, tmp_path, saved, grown, num_layers=2, **shape)
+    assert grown.drafter.layers[3].self_attn.o_proj.weight.any()  # training moved the new layer
     with pytest.raises(ConfigError, match="may grow deeper, not shallower"):
         make_trainer(tiny, "p-eagle", tmp_path / "d", num_layers=1, init_from=saved, **shape)
 
@@ -534,10 +544,7 @@ def test_peagle_head_grows_wider_mlps_and_drafts_as_before(tiny, tmp_path):
     """A warm start may widen the MLPs of a saved head: its units are kept, the new units'
     down_proj columns start at zero, so the logits equal the saved head's until training."""
     shape = dict(num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8)
-    first = make_trainer(tiny, "p-eagle", tmp_path / "a", intermediate_size=16, **shape)
-    for _ in range(2):
-        first.train_step()
-    saved = first.save_head(str(tmp_path / "head"))
+    first, saved = _saved_head(tiny, tmp_path, intermediate_size=16, **shape)
     wide = make_trainer(tiny, "p-eagle", tmp_path / "b", intermediate_size=24, init_from=saved, seed=5, **shape)
     for old, new in zip(first.drafter.layers, wide.drafter.layers):
         assert new.mlp.down_proj.weight.shape[1] == 24
@@ -546,14 +553,7 @@ def test_peagle_head_grows_wider_mlps_and_drafts_as_before(tiny, tmp_path):
         torch.testing.assert_close(new.mlp.gate_up_proj.weight[:16], old.mlp.gate_up_proj.weight[:16])  # gate
         torch.testing.assert_close(new.mlp.gate_up_proj.weight[24:40], old.mlp.gate_up_proj.weight[16:])  # up
         assert new.mlp.gate_up_proj.weight[16:24].any()  # the new gate units start random
-    before = make_trainer(tiny, "p-eagle", tmp_path / "c", intermediate_size=16, init_from=saved, **shape)
-    with torch.no_grad():
-        batch, cap, plan = _plan(before, step=1)
-        outs = [d.compute_logits(peagle_forward(d, batch, cap, plan, 0, max(LENGTHS) - 1, mask_token_id=1)[0])
-                for d in (before.drafter.eval(), wide.drafter.eval())]
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
-    wide.drafter.train()
-    wide.train_step()
-    assert wide.drafter.layers[1].mlp.down_proj.weight[:, 16:].any()
+    _assert_drafts_as_saved(tiny, tmp_path, saved, wide, intermediate_size=16, **shape)
+    assert wide.drafter.layers[1].mlp.down_proj.weight[:, 16:].any()  # training moved the new units
     with pytest.raises(ConfigError, match="may grow wider, not narrower"):
         make_trainer(tiny, "p-eagle", tmp_path / "d", intermediate_size=8, init_from=saved, **shape)
