@@ -121,7 +121,9 @@ def test_running_request_is_not_stalled_by_a_long_prompt(reference, chunked):
 
 @pytest.mark.parametrize("method,order,num_blocks,max_model_len", [
     ("ngram", (0, 1, 2), 30, 96),  # preempts a partially prefilled sequence, later a decoding one
-    ("p-eagle", (1, 2, 0), 27, 72),  # preempts a partially prefilled sequence (the drafter's state goes too)
+    # preempts a partially prefilled sequence (the drafter's state goes too), later a decoding one;
+    # where preemption falls depends on the committed head's drafts (re-pick after retraining it)
+    ("p-eagle", (1, 2, 0), 30, 72),
 ])
 def test_chunked_prefill_under_preemption(reference, method, order, num_blocks, max_model_len):
     """A cache too small for all three: decodes preempt the newest sequence, which is

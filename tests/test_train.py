@@ -475,8 +475,8 @@ def test_peagle_warm_starts_from_an_eagle3_head_of_its_shape(tiny, tmp_path):
         assert torch.equal(dict(par.drafter.named_parameters())[name], theirs[name]), name
     assert "mask_hidden" not in theirs and par.drafter.mask_hidden.abs().sum() > 0
     assert math.isfinite(par.train_step()["loss"])
-    with pytest.raises(ConfigError, match="intermediate_size"):  # other differences still refused
-        make_trainer(tiny, "p-eagle", tmp_path / "c", init_from=saved, **{**shape, "intermediate_size": 32})
+    with pytest.raises(ConfigError, match="num_attention_heads"):  # other differences still refused
+        make_trainer(tiny, "p-eagle", tmp_path / "c", init_from=saved, **{**shape, "num_heads": 4})
 
 
 def test_deep_greedy_only_trains_mask_slots_only_over_greedy_output(tiny, tmp_path):
