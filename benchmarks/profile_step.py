@@ -22,6 +22,7 @@ import statistics
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 
 import torch
 
@@ -58,19 +59,18 @@ def main(argv=None) -> int:
         engine.step()
     torch.cuda.synchronize()
 
-    parts = _time_host_parts(engine)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(args.steps + 1)]
     host = []
-    starts[0].record()
-    for i in range(args.steps):
-        t = time.perf_counter()
-        engine.step()
-        host.append(time.perf_counter() - t)
-        starts[i + 1].record()
-    torch.cuda.synchronize()
+    with host_parts_timed(engine) as totals:
+        starts[0].record()
+        for i in range(args.steps):
+            t = time.perf_counter()
+            engine.step()
+            host.append(time.perf_counter() - t)
+            starts[i + 1].record()
+        torch.cuda.synchronize()
     step_ms = [starts[i].elapsed_time(starts[i + 1]) for i in range(args.steps)]
-    parts.stop()
-    host_parts = {f"{name}_ms": 1e3 * total / args.steps for name, total in parts.totals.items()}
+    host_parts = {f"{name}_ms": 1e3 * total / args.steps for name, total in totals.items()}
     host_parts["other_ms"] = 1e3 * sum(host) / args.steps - host_parts["launch_ms"] - host_parts["wait_ms"]
 
     prof_steps = 5
@@ -126,32 +126,32 @@ def main(argv=None) -> int:
     return 0
 
 
-class _time_host_parts:
-    """Adds up the host time the engine spends in ``_launch`` and in ``StepOutput.fetch`` (the
-    step's one synchronisation) while attached; ``stop()`` restores both."""
+@contextmanager
+def host_parts_timed(engine):
+    """Yields a dict that adds up the host seconds the engine spends in ``_launch`` ("launch")
+    and in ``StepOutput.fetch``, the step's one synchronisation ("wait"), until the block ends;
+    both methods are restored then."""
+    from parspec.step import StepOutput
 
-    def __init__(self, engine):
-        from parspec.step import StepOutput
+    totals = {"launch": 0.0, "wait": 0.0}
 
-        self.totals = {"launch": 0.0, "wait": 0.0}  # seconds
-        self._engine, self._fetch = engine, StepOutput.fetch
-        engine._launch = self._timed(engine._launch, "launch")  # an instance attribute over the method
-        StepOutput.fetch = self._timed(StepOutput.fetch, "wait")
-
-    def _timed(self, fn, name):
+    def timed(fn, name):
         def run(*args, **kwargs):
             t = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.totals[name] += time.perf_counter() - t
+                totals[name] += time.perf_counter() - t
         return run
 
-    def stop(self) -> None:
-        from parspec.step import StepOutput
-
-        del self._engine._launch
-        StepOutput.fetch = self._fetch
+    fetch = StepOutput.fetch
+    engine._launch = timed(engine._launch, "launch")  # an instance attribute over the method
+    StepOutput.fetch = timed(fetch, "wait")
+    try:
+        yield totals
+    finally:
+        del engine._launch
+        StepOutput.fetch = fetch
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import types
 
 import pytest
@@ -259,11 +260,9 @@ def test_cli_expand_builds_the_pair_once_then_reuses_it(tmp_path, monkeypatch, c
 
 
 def test_profile_host_split_times_launch_and_wait_then_restores_both():
-    import time
-
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     try:
-        from profile_step import _time_host_parts
+        from profile_step import host_parts_timed
     finally:
         sys.path.pop(0)
     from parspec import LLM, SamplingParams
@@ -274,15 +273,14 @@ def test_profile_host_split_times_launch_and_wait_then_restores_both():
                                                                           ignore_eos=True))
     engine.step()  # prefill, outside the measurement
     fetch = StepOutput.fetch
-    parts = _time_host_parts(engine)
-    t = time.perf_counter()
-    for _ in range(5):
-        engine.step()
-    host = time.perf_counter() - t
-    parts.stop()
-    launch, wait = parts.totals["launch"], parts.totals["wait"]
+    with host_parts_timed(engine) as totals:
+        t = time.perf_counter()
+        for _ in range(5):
+            engine.step()
+        host = time.perf_counter() - t
+    launch, wait = totals["launch"], totals["wait"]
     assert 0 < launch < host and 0 < wait < host and launch + wait < host
     for _ in range(3):
         engine.step()
-    assert parts.totals == {"launch": launch, "wait": wait}  # detached: nothing more is counted
+    assert totals == {"launch": launch, "wait": wait}  # detached: nothing more is counted
     assert StepOutput.fetch is fetch and "_launch" not in engine.__dict__
