@@ -60,11 +60,12 @@ def grads_for(trainer: Trainer, bounds, step=0) -> tuple[float, dict]:
     return loss, {n: p.grad.clone() for n, p in trainer.drafter.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("method", ["p-eagle", "eagle3", "p-eagle-greedy-only"])
+@pytest.mark.parametrize("method", ["p-eagle", "eagle3", "p-eagle-greedy-only", "p-eagle-chain"])
 def test_sequence_partition_gives_whole_sequence_gradients(tiny, tmp_path, method):
     greedy_only = method == "p-eagle-greedy-only"
-    method = method.removesuffix("-greedy-only")
-    trainer = make_trainer(tiny, method, tmp_path, deep_greedy_only=greedy_only)
+    chain_weight = 0.7 if method == "p-eagle-chain" else 0.0
+    method = method.removesuffix("-greedy-only").removesuffix("-chain")
+    trainer = make_trainer(tiny, method, tmp_path, deep_greedy_only=greedy_only, chain_weight=chain_weight)
     A = max(LENGTHS) - 1
     loss_full, full = grads_for(trainer, [(0, A)])
     loss_seg, seg = grads_for(trainer, [(0, 3), (3, 11), (11, A)])  # unequal segments
@@ -502,6 +503,60 @@ def test_deep_greedy_only_trains_mask_slots_only_over_greedy_output(tiny, tmp_pa
         assert float(clean.weight[:, d].sum()) == pytest.approx(0.8 ** d, rel=1e-5)
     with pytest.raises(ConfigError, match="deep_greedy_only is a P-EAGLE option"):
         TrainConfig(method="eagle3", deep_greedy_only=True)
+
+
+def test_chain_multiplier_is_the_probability_of_the_shallower_slots_being_right():
+    """Entry (anchor p, depth d) is scaled by 1 - w + w * prod_{j<d} q_j, q_j the drafter's
+    probability of the target's top token at depth j of the same anchor; a depth that is not
+    scored (or whose top token is outside the draft vocabulary) counts as wrong."""
+    from parspec.train.data import Captured
+    from parspec.train.objective import chain_multiplier
+
+    V, T = 5, 6
+    probs = torch.zeros(1, T, V)
+    top = torch.tensor([0, 1, 2, 3, 4, 0])  # target's top token at each label position
+    probs[0, torch.arange(T), top] = 1.0
+    label_ok = torch.tensor([[True, True, True, True, False, True]])
+    cap = Captured(features=torch.zeros(1, T, 1), probs=probs, entropy=torch.zeros(1, T), label_ok=label_ok,
+                   top1=top[None])
+    # Anchor 0: depths 0, 1, 2 (labels 1, 2, 3). Anchor 2: depths 0, 2 (labels 3, 5), depth 1
+    # (label 4, outside the draft vocabulary) left out. Anchor 3: depths 0, 1 (labels 4, 5).
+    anchor = torch.tensor([0, 0, 0, 2, 2, 3, 3])
+    depth = torch.tensor([0, 1, 2, 0, 2, 0, 1])
+    label = anchor + 1 + depth
+    b = torch.zeros_like(anchor)
+    logits = torch.randn(len(anchor), V, generator=torch.Generator().manual_seed(0))
+    q = logits.softmax(-1)[torch.arange(len(anchor)), top[label]] * label_ok[0, label]
+    for w in (0.0, 0.6, 1.0):
+        m = chain_multiplier(logits, cap, b, label, anchor, depth, (1, 3, T), w)
+        prefix = torch.stack([torch.tensor(1.0), q[0], q[0] * q[1], torch.tensor(1.0), torch.tensor(0.0),
+                              torch.tensor(1.0), q[5]])
+        torch.testing.assert_close(m, 1 - w + w * prefix)
+    assert float(q[5]) == 0.0  # anchor 3's depth 0 predicts label 4: outside the draft vocabulary
+
+
+def test_chain_weight_trains_and_is_a_peagle_option(tiny, tmp_path):
+    """With --chain-weight the loss of the deep slots shrinks by the chain probability (the
+    evaluation loss, step None, is the plain one), training still learns, and the option is
+    refused for EAGLE-3 or outside [0, 1]."""
+    plain = make_trainer(tiny, "p-eagle", tmp_path / "a")
+    chained = make_trainer(tiny, "p-eagle", tmp_path / "b", chain_weight=1.0)
+    idx = list(range(len(LENGTHS)))
+    with torch.no_grad():
+        loss_plain, _, _ = plain.batch_loss(idx, 0, backward=False)
+        loss_chain, _, _ = chained.batch_loss(idx, 0, backward=False)
+        loss_eval, _, _ = chained.batch_loss(idx, None, backward=False)
+        loss_eval_plain, _, _ = plain.batch_loss(idx, None, backward=False)
+    assert 0 < loss_chain < loss_plain
+    assert loss_eval == pytest.approx(loss_eval_plain, rel=1e-6)
+    first = chained.train_step()["loss"]
+    for _ in range(8):
+        last = chained.train_step()["loss"]
+    assert last < first
+    with pytest.raises(ConfigError, match="chain_weight is a P-EAGLE option"):
+        TrainConfig(method="eagle3", chain_weight=0.5)
+    with pytest.raises(ConfigError, match="chain_weight must be in \\[0, 1\\], got 1.5"):
+        TrainConfig(method="p-eagle", chain_weight=1.5)
 
 
 def _saved_head(tiny, tmp_path, **shape) -> tuple[Trainer, str]:

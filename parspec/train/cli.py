@@ -70,6 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--deep-greedy-only", action="store_true",
                    help="p-eagle: train depths >= 1 only at anchors whose skipped tokens the target generated "
                         "greedily (not on prompt text or sampled responses)")
+    t.add_argument("--chain-weight", type=float, default=0.0,
+                   help="p-eagle: weight depth d's loss by 1 - w + w * the drafter's probability of being right "
+                        "at every shallower depth (what greedy acceptance counts); 0 = off")
     t.add_argument("--segment-len", type=int, default=256, help="anchors per segment (0: whole sequences)")
     t.add_argument("--heldout", type=int, default=128)
     t.add_argument("--eval-every", type=int, default=500)
@@ -132,7 +135,8 @@ def run(args) -> int:
         head_dim=args.head_dim, init_from=args.init_from, aux_layers=aux, mask_token_id=args.mask_token_id, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, depth_decay=args.depth_decay, deep_keep=args.deep_keep,
-        deep_min_keep=args.deep_min_keep, deep_greedy_only=args.deep_greedy_only, segment_len=args.segment_len, heldout=args.heldout,
+        deep_min_keep=args.deep_min_keep, deep_greedy_only=args.deep_greedy_only, chain_weight=args.chain_weight,
+        segment_len=args.segment_len, heldout=args.heldout,
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device,
         target_dtype=args.dtype, save_dtype=args.save_dtype, max_bytes=args.max_bytes,
         max_train_seconds=args.max_train_seconds, keep_checkpoint=args.keep_checkpoint)

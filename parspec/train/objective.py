@@ -49,9 +49,29 @@ class DepthStats:
         return {"kl": kl, "acc": acc, "count": self.count.long().tolist()}
 
 
+def chain_multiplier(logits: torch.Tensor, cap: Captured, b: torch.Tensor, label: torch.Tensor,
+                     anchor: torch.Tensor, depth: torch.Tensor, grid: tuple[int, int, int],
+                     strength: float) -> torch.Tensor:
+    """Per-entry loss multiplier ``1 - strength + strength * prod_{j<d} q_j`` (no gradient):
+    q_j is the drafter's probability of the target's top token at depth j of the same anchor,
+    0 where that token is outside the draft vocabulary or the entry is not scored here. In
+    greedy decoding a slot's draft counts only when every shallower slot of its step was
+    accepted, so this spends a slot's capacity where its shallower slots are likely right.
+    All depths of an anchor sit in one segment, so the sequence partition stays exact."""
+    with torch.no_grad():
+        top = cap.probs[b, label].argmax(-1)
+        q = logits.float().softmax(-1).gather(1, top[:, None])[:, 0] * cap.label_ok[b, label]
+        right = q.new_zeros(grid)  # [sequences, depths, anchors]
+        right[b, depth, anchor] = q
+        before = torch.cat([torch.ones_like(right[:, :1]), right[:, :-1].cumprod(dim=1)], dim=1)
+        return 1.0 - strength + strength * before[b, depth, anchor]
+
+
 def score(drafter, normed: torch.Tensor, ent: Entries, batch: Batch, cap: Captured,
-          stats: DepthStats) -> torch.Tensor:
-    """Weighted KL of the scored entries; statistics into ``stats``."""
+          stats: DepthStats, chain: tuple[int, float] | None = None) -> torch.Tensor:
+    """Weighted KL of the scored entries; statistics into ``stats``. ``chain`` =
+    (number of depths, strength) scales each entry by ``chain_multiplier``."""
+    B, T = batch.tokens.shape
     b, n = ent.scored.nonzero(as_tuple=True)
     if b.numel() == 0:
         return normed.sum() * 0.0
@@ -59,7 +79,12 @@ def score(drafter, normed: torch.Tensor, ent: Entries, batch: Batch, cap: Captur
     label = ent.label[b, n]
     # Soft-label cross-entropy (one fused op) minus the target's entropy = the KL.
     kl = F.cross_entropy(logits, cap.probs[b, label], reduction="none") - cap.entropy[b, label]
-    loss = (kl * ent.weight[b, n]).sum()
+    weight = ent.weight[b, n]
+    if chain is not None:
+        num_depths, strength = chain
+        weight = weight * chain_multiplier(logits, cap, b, label, ent.anchor[b, n], ent.depth[b, n],
+                                           (B, num_depths, T), strength)
+    loss = (kl * weight).sum()
     with torch.no_grad():
         depth = ent.depth[b, n]
         ok = cap.label_ok[b, label]
@@ -69,7 +94,6 @@ def score(drafter, normed: torch.Tensor, ent: Entries, batch: Batch, cap: Captur
         stats.hits.index_add_(0, depth, (pred == cap.top1[b, label]).double())
         stats.count.index_add_(0, depth, torch.ones_like(kl, dtype=torch.float64))
         if stats.chain is not None:
-            T = batch.tokens.shape[1]
             actual = batch.tokens[b, (label + 1).clamp(max=T - 1)]
             stats.chain[b, depth, ent.anchor[b, n]] = (pred == actual) & (label + 1 < batch.lengths[b])
     return loss
@@ -114,10 +138,11 @@ def ttt_forward(drafter, batch: Batch, cap: Captured, plan: Plan, a: int, e: int
 
 
 def segment_loss(method: str, drafter, batch: Batch, cap: Captured, plan: Plan, a: int, e: int,
-                 mask_token_id: int | None, stats: DepthStats) -> torch.Tensor:
+                 mask_token_id: int | None, stats: DepthStats, chain_weight: float = 0.0) -> torch.Tensor:
     if method == "p-eagle":
         normed, ent = peagle_forward(drafter, batch, cap, plan, a, e, mask_token_id)
-        return score(drafter, normed, ent, batch, cap, stats)
+        chain = (plan.num_depths, chain_weight) if chain_weight > 0 else None
+        return score(drafter, normed, ent, batch, cap, stats, chain)
     loss = 0.0
     for normed, ent in ttt_forward(drafter, batch, cap, plan, a, e):
         loss = loss + score(drafter, normed, ent, batch, cap, stats)

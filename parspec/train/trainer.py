@@ -132,6 +132,7 @@ class TrainConfig:
     deep_keep: float = 0.7  # P-EAGLE keeps deep_keep^d of the anchors at depth d ...
     deep_min_keep: float = 0.2  # ... and at least this fraction
     deep_greedy_only: bool = False  # P-EAGLE: depths >= 1 only where the tokens they skip are greedy output
+    chain_weight: float = 0.0  # P-EAGLE: scale depth d by 1 - w + w * P(drafter right at depths < d)
     segment_len: int = 256  # anchors per segment; 0 = whole sequences
     heldout: int = 128  # held-out sequences (at most a fifth of the data)
     eval_every: int = 500
@@ -164,6 +165,11 @@ class TrainConfig:
         if self.deep_greedy_only and self.method != "p-eagle":
             raise ConfigError("deep_greedy_only is a P-EAGLE option (EAGLE-3's training-time test feeds the "
                               f"real tokens in), got method {self.method!r}")
+        if not 0 <= self.chain_weight <= 1:
+            raise ConfigError(f"chain_weight must be in [0, 1], got {self.chain_weight}")
+        if self.chain_weight and self.method != "p-eagle":
+            raise ConfigError("chain_weight is a P-EAGLE option (EAGLE-3's training-time test scores one depth "
+                              f"per pass), got method {self.method!r}")
         if self.num_heads is not None and self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.segment_len < 0:
@@ -392,7 +398,7 @@ class Trainer:
         for a, e in bounds or segment_bounds(A, self.tc.segment_len):
             with self._autocast():
                 loss = segment_loss(self.tc.method, self.drafter, batch, cap, plan, a, e,
-                                    self.cfg.mask_token_id, stats)
+                                    self.cfg.mask_token_id, stats, self.tc.chain_weight if step is not None else 0.0)
             if backward:
                 loss.backward()
             total += loss.detach()
