@@ -404,13 +404,16 @@ def test_train_drafter_cli_end_to_end(tiny, tmp_path, capsys):
     cfg = json.load(open(os.path.join(heads["p-eagle"], "config.json")))
     assert cfg["parallel_drafting"] is True and cfg["mask_token_id"] == 1
     assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 2, 4]
-    # A further round warm-starts from the head; its card says so.
+    # A further round warm-starts from the head (here with a chain weight); its card says both.
     onward = str(tmp_path / "p-eagle-2")
-    rc, text = _cli([*common, "--method", "p-eagle", "--init-from", heads["p-eagle"], "--out", onward], capsys)
+    rc, text = _cli([*common, "--method", "p-eagle", "--init-from", heads["p-eagle"], "--chain-weight", "0.25",
+                     "--out", onward], capsys)
     assert rc == 0, text.err
     card = open(os.path.join(onward, "README.md")).read()
     assert f"Warm-started from `{heads['p-eagle']}`" in card and "kept from the warm start" in card
-    assert "Warm-started" not in open(os.path.join(heads["p-eagle"], "README.md")).read()
+    assert "loss is scaled by 0.75 + 0.25 x the head's own probability" in card
+    first_card = open(os.path.join(heads["p-eagle"], "README.md")).read()
+    assert "Warm-started" not in first_card and "(`--chain-weight`)" not in first_card
     assert "parallel_drafting" not in json.load(open(os.path.join(heads["eagle3"], "config.json")))
 
     if importlib.util.find_spec("parspec.speculative.eagle") is None:

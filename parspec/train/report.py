@@ -76,7 +76,10 @@ def render_card(m: dict) -> str:
         depths = (f"Depth d >= 1 keeps {cfg['deep_keep']}^d of the anchors (at least {cfg['deep_min_keep']}), "
                   "nested, seeded per step."
                   + (" Depths d >= 1 train only at anchors whose skipped tokens are the target's greedy output "
-                     "(`--deep-greedy-only`)." if cfg.get("deep_greedy_only") else ""))
+                     "(`--deep-greedy-only`)." if cfg.get("deep_greedy_only") else "")
+                  + (f" Depth d's loss is scaled by {1 - cfg['chain_weight']:g} + {cfg['chain_weight']:g} x the head's "
+                     "own probability (no gradient) of the target's token at every shallower depth of the anchor "
+                     "(`--chain-weight`)." if cfg.get("chain_weight") else ""))
     else:
         mask_line = ""
         depths = "Training-time test: step i feeds the step i-1 output back in, over the K steps."
