@@ -119,30 +119,36 @@ def test_running_request_is_not_stalled_by_a_long_prompt(reference, chunked):
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
 
-@pytest.mark.parametrize("method,order,num_blocks,max_model_len", [
-    ("ngram", (0, 1, 2), 30, 96),  # preempts a partially prefilled sequence, later a decoding one
-    # preempts a partially prefilled sequence (the drafter's state goes too), later a decoding one;
-    # where preemption falls depends on the committed head's drafts (re-pick after retraining it)
-    ("p-eagle", (1, 2, 0), 30, 72),
+@pytest.mark.parametrize("method,order,blocks,max_model_len", [
+    ("ngram", (0, 1, 2), range(30, 31), 96),  # preempts a partially prefilled sequence, later a decoding one
+    # Where preemption falls depends on the committed head's drafts: with the round-8 head, 26, 27
+    # and 31 blocks preempt a prefilling sequence, 28-30 and 32-34 only a decoding one. The test
+    # walks the range until a prefilling sequence (and its drafter state) is preempted, checking
+    # the output at every size, so retraining the head cannot make it pass vacuously or fail.
+    ("p-eagle", (1, 2, 0), range(26, 41), 72),
 ])
-def test_chunked_prefill_under_preemption(reference, method, order, num_blocks, max_model_len):
+def test_chunked_prefill_under_preemption(reference, method, order, blocks, max_model_len):
     """A cache too small for all three: decodes preempt the newest sequence, which is
     recomputed in chunks later; the output does not change."""
-    llm = LLM(TARGET, speculative_config=SPECS[method], max_num_batched_tokens=BUDGET,
-              block_size=4, num_kv_blocks=num_blocks, **{**SMALL, "max_model_len": max_model_len})
-    sched = llm.engine.scheduler
-    preempted = []  # whether each preempted sequence was still prefilling
-    preempt = sched.preempt
+    for num_blocks in blocks:
+        llm = LLM(TARGET, speculative_config=SPECS[method], max_num_batched_tokens=BUDGET,
+                  block_size=4, num_kv_blocks=num_blocks, **{**SMALL, "max_model_len": max_model_len})
+        sched = llm.engine.scheduler
+        preempted = []  # whether each preempted sequence was still prefilling
+        preempt = sched.preempt
 
-    def recorded(seq):
-        preempted.append(sched.is_prefilling(seq))
-        preempt(seq)
+        def recorded(seq, sched=sched, preempt=preempt, preempted=preempted):
+            preempted.append(sched.is_prefilling(seq))
+            preempt(seq)
 
-    sched.preempt = recorded
-    outs = llm.generate([PROMPTS[i] for i in order], GREEDY, use_tqdm=False)
-    assert True in preempted and sched.num_preemptions == len(preempted)
-    assert [o.outputs[0].token_ids for o in outs] == [reference[i] for i in order]
-    assert llm.engine.blocks.num_free_blocks == num_blocks
+        sched.preempt = recorded
+        outs = llm.generate([PROMPTS[i] for i in order], GREEDY, use_tqdm=False)
+        assert sched.num_preemptions == len(preempted), num_blocks
+        assert [o.outputs[0].token_ids for o in outs] == [reference[i] for i in order], num_blocks
+        assert llm.engine.blocks.num_free_blocks == num_blocks
+        if True in preempted:
+            return
+    pytest.fail(f"no cache size in {blocks} preempted a sequence still prefilling")
 
 
 def test_concat_metadata_is_the_joint_batch():
