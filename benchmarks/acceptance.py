@@ -96,16 +96,24 @@ def plot(record: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2))
     for name, per_k in record["results"].items():
         ks = sorted(int(k) for k in per_k)
-        ax.plot(ks, [per_k[str(k)]["acceptance_length"] for k in ks], marker="o", label=name)
+        line, = ax.plot(ks, [per_k[str(k)]["acceptance_length"] for k in ks], marker="o", label=name)
+        # Per depth at the deepest K: the share of drafts accepted at position i (vLLM's measure).
+        rates = per_k[str(ks[-1])]["acceptance_rate_per_position"]
+        bx.plot(range(1, len(rates) + 1), rates, marker="o", color=line.get_color(), label=f"{name}, K={ks[-1]}")
     ax.scatter([3, 7], [3.02, 3.94], marker="*", s=120, color="black", label="P-EAGLE paper (Llama-3.1-8B)")
     ax.set_xlabel("K (num_speculative_tokens)")
     ax.set_ylabel("acceptance length (tokens / target step)")
     ax.set_title(f"HumanEval, greedy, reference pair ({record['dtype']}, {record['device']})", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    bx.set_xlabel("draft position (depth)")
+    bx.set_ylabel("drafts accepted at the position / drafted there")
+    bx.set_title("Per-depth acceptance", fontsize=9)
+    bx.set_ylim(0, 1)
+    for a in (ax, bx):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
