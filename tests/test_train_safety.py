@@ -162,12 +162,14 @@ def test_ctrl_c_inside_the_update_lets_it_finish(tiny, tmp_path):
         return real_update(*args, **kwargs)
 
     trainer.optimizer.step = update_with_ctrl_c
+    # What the process started with: Python's handler, or SIG_IGN under `nohup cmd &`.
+    handler_before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt) as err:
         trainer.train()
     assert isinstance(err.value, TrainingInterrupted) and err.value.step == 1
     state = json.loads((tmp_path / CHECKPOINT / "trainer_state.json").read_text())
     assert state["step"] == 1 and len(state["metrics"]["train"]) == 1
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler_before  # the trainer's handler is gone
 
 
 def test_cli_ctrl_c_exits_130_and_says_how_to_resume(tiny, tmp_path, capsys, monkeypatch):
