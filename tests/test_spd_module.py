@@ -498,6 +498,7 @@ def test_cli_refuses_options_of_the_other_methods(tmp_path, capsys):
     target = os.path.join(FIX, "target")
     common = ["train-drafter", "--target", target, "--data", data, "--out", str(tmp_path / "out")]
     for extra, message in ((["--method", "spd", "--aux-layers", "1,2"], "does not take --aux-layers"),
+                           (["--method", "spd", "--rebuild-vocab"], "does not take --rebuild-vocab"),
                            (["--method", "eagle3", "--num-stages", "4"], "does not take --num-stages"),
                            (["--method", "spd", "--module-hidden-size", "4096"], "over the 8.00 MiB budget")):
         assert main(common + extra) == 2

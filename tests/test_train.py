@@ -615,3 +615,56 @@ def test_peagle_head_grows_wider_mlps_and_drafts_as_before(tiny, tmp_path):
     assert wide.drafter.layers[1].mlp.down_proj.weight[:, 16:].any()  # training moved the new units
     with pytest.raises(ConfigError, match="may grow wider, not narrower"):
         make_trainer(tiny, "p-eagle", tmp_path / "d", intermediate_size=8, init_from=saved, **shape)
+
+
+def test_vocabulary_from_responses_and_rebuilt_on_a_warm_start(tiny, tmp_path):
+    """--draft-vocab-from responses counts only the target's responses (the tokens decoding asks
+    the drafter for). --rebuild-vocab re-picks a warm start's vocabulary, size included: a token
+    the head had keeps its output row exactly; a new token's row is the target's row mapped by the
+    least-squares map from the target's rows to the head's, so a head whose rows are exactly a
+    linear map of the target's gets that map's rows for its new tokens too. Nothing else moves."""
+    path, target, cfg = tiny
+    data = synthetic_data(cfg.vocab_size, copies=1)
+    responses = sum(torch.bincount(s[n:], minlength=cfg.vocab_size) for s, n in zip(data.sequences, data.prompt_lens))
+    assert torch.equal(data.token_counts(cfg.vocab_size, responses_only=True), responses)
+    assert not torch.equal(responses, data.token_counts(cfg.vocab_size))
+    fresh = make_trainer(tiny, "p-eagle", tmp_path / "r", data=data, draft_vocab_size=40, vocab_from="responses")
+    assert torch.equal(fresh.vocab.ids, build_draft_vocab(responses, 40, always=(0,)).ids)
+
+    first, saved = _saved_head(tiny, tmp_path, draft_vocab_size=120)
+    mapping = torch.randn(target.lm_head.weight.shape[1], first.cfg.hidden_size, generator=torch.Generator().manual_seed(3))
+    head = load_eagle3(saved, torch.float32, "cpu", target_embedding=target.model.embed_tokens)
+    with torch.no_grad():
+        head.lm_head.weight.copy_(target.lm_head.weight[first.vocab.ids] @ mapping)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(os.path.join(saved, "model.safetensors"))
+    tensors["lm_head.weight"] = head.lm_head.weight.detach().clone()
+    save_file(tensors, os.path.join(saved, "model.safetensors"))
+
+    other = synthetic_data(cfg.vocab_size, copies=1, seed=9)
+    re = make_trainer(tiny, "p-eagle", tmp_path / "b", data=other, init_from=saved, draft_vocab_size=160,
+                      rebuild_vocab=True, vocab_from="responses")
+    want = build_draft_vocab(other.token_counts(cfg.vocab_size, responses_only=True), 160, always=(0,))
+    assert torch.equal(re.vocab.ids, want.ids) and torch.equal(re.drafter.d2t, want.d2t)
+    assert re.cfg.draft_vocab_size == 160 and re.drafter.lm_head.weight.shape[0] == 160
+    old = first.vocab.ids.tolist()
+    kept = [i for i, t in enumerate(want.ids.tolist()) if t in old]
+    new = [i for i, t in enumerate(want.ids.tolist()) if t not in old]
+    assert kept and new
+    rows = re.drafter.lm_head.weight.detach()
+    assert torch.equal(rows[kept], head.lm_head.weight[[old.index(int(want.ids[i])) for i in kept]])
+    torch.testing.assert_close(rows[new], target.lm_head.weight[want.ids[new]] @ mapping, rtol=0.05, atol=0.05)
+    assert torch.equal(re.drafter.fc.weight, first.drafter.fc.weight)
+    assert torch.equal(re.drafter.mask_hidden, first.drafter.mask_hidden)
+    re.train_step()
+    back = load_eagle3(re.save_head(str(tmp_path / "rebuilt")), torch.float32, "cpu",
+                       target_embedding=target.model.embed_tokens)
+    assert back.config.draft_vocab_size == 160 and torch.equal(back.d2t, want.d2t)
+    # Without --rebuild-vocab another size is refused; --rebuild-vocab needs a warm start.
+    with pytest.raises(ConfigError, match="draft_vocab_size"):
+        make_trainer(tiny, "p-eagle", tmp_path / "c", data=other, init_from=saved, draft_vocab_size=160)
+    with pytest.raises(ConfigError, match="rebuild_vocab re-picks a warm start"):
+        TrainConfig(rebuild_vocab=True)
+    with pytest.raises(ConfigError, match="vocab_from must be one of sequences, responses, got 'prompts'"):
+        TrainConfig(vocab_from="prompts")

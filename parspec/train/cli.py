@@ -31,6 +31,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-speculative-tokens", "-k", type=int, default=7,
                    help="K: draft depths (P-EAGLE) or training-time-test steps (EAGLE-3) trained")
     p.add_argument("--draft-vocab-size", type=int, default=2048)
+    p.add_argument("--draft-vocab-from", choices=("sequences", "responses"), default="sequences",
+                   help="pick the draft vocabulary as the most frequent tokens of whole training sequences, or "
+                        "of the target's responses alone (what decoding asks the drafter for)")
+    p.add_argument("--rebuild-vocab", action="store_true",
+                   help="with --init-from: pick a new draft vocabulary (and size) from this data instead of keeping "
+                        "the head's; kept tokens keep their output rows, new ones start from the target's")
     p.add_argument("--intermediate-size", type=int, default=None, help="default 1.5 x the target's hidden size")
     p.add_argument("--num-layers", type=int, default=1)
     p.add_argument("--num-heads", type=int, default=None, help="attention heads of the head's layers "
@@ -132,7 +138,8 @@ def run(args) -> int:
         method=args.method, num_speculative_tokens=args.num_speculative_tokens,
         draft_vocab_size=args.draft_vocab_size, intermediate_size=args.intermediate_size,
         num_layers=args.num_layers, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
-        head_dim=args.head_dim, init_from=args.init_from, aux_layers=aux, mask_token_id=args.mask_token_id, steps=args.steps,
+        head_dim=args.head_dim, init_from=args.init_from, vocab_from=args.draft_vocab_from,
+        rebuild_vocab=args.rebuild_vocab, aux_layers=aux, mask_token_id=args.mask_token_id, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, depth_decay=args.depth_decay, deep_keep=args.deep_keep,
         deep_min_keep=args.deep_min_keep, deep_greedy_only=args.deep_greedy_only, chain_weight=args.chain_weight,

@@ -225,10 +225,13 @@ class DrafterData:
             h.update(n.to_bytes(4, "little"))
         return h.hexdigest()
 
-    def token_counts(self, vocab_size: int, indices=None) -> torch.Tensor:
-        seqs = self.sequences if indices is None else [self.sequences[i] for i in indices]
+    def token_counts(self, vocab_size: int, indices=None, responses_only: bool = False) -> torch.Tensor:
+        """How often each token occurs, in whole sequences or (``responses_only``) in the
+        target's responses alone: the tokens a drafter is asked to predict at decode time."""
+        indices = range(len(self.sequences)) if indices is None else indices
         counts = torch.zeros(vocab_size, dtype=torch.int64)
-        for s in seqs:
+        for i in indices:
+            s = self.sequences[i][self.prompt_lens[i]:] if responses_only else self.sequences[i]
             counts += torch.bincount(s, minlength=vocab_size)[:vocab_size]
         return counts
 

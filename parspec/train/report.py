@@ -84,12 +84,15 @@ def render_card(m: dict) -> str:
         mask_line = ""
         depths = "Training-time test: step i feeds the step i-1 output back in, over the K steps."
     stopped = " (stopped at the time budget)" if m.get("stopped_early") else ""
+    picked = f"the most frequent\n  in the training {'responses' if cfg.get('vocab_from') == 'responses' else 'sequences'}"
     if cfg.get("init_from"):
-        vocab_from = f"kept from the warm start, `{cfg['init_from']}`"
-        warm = (f"\nWarm-started from `{cfg['init_from']}` (its weights, draft vocabulary and mask token); the "
+        vocab_from = (f"{picked}, rebuilt from the warm start `{cfg['init_from']}`" if cfg.get("rebuild_vocab")
+                      else f"kept from the warm start, `{cfg['init_from']}`")
+        kept = "its weights and mask token" if cfg.get("rebuild_vocab") else "its weights, draft vocabulary and mask token"
+        warm = (f"\nWarm-started from `{cfg['init_from']}` ({kept}); the "
                 "steps, time and figures here are this run's alone.\n")
     else:
-        vocab_from, warm = "the most frequent\n  in the training sequences", ""
+        vocab_from, warm = picked, ""
     return f"""# {method} drafter head
 
 Trained with `parspec train-drafter` on the target's own outputs.

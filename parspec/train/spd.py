@@ -91,7 +91,7 @@ class SPDTrainConfig:
         return resolve_device(self.device)
 
 
-EAGLE_ONLY = ("resume", "aux_layers", "mask_token_id", "num_kv_heads", "head_dim", "keep_checkpoint")
+EAGLE_ONLY = ("resume", "aux_layers", "mask_token_id", "num_kv_heads", "head_dim", "keep_checkpoint", "rebuild_vocab")
 
 
 def spd_config(args, target: ModelConfig) -> SPDTrainConfig:

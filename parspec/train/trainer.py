@@ -108,6 +108,9 @@ def check_out_dir(out_dir: str, resume: bool = False, overwrite: bool = False) -
                       f"--overwrite to replace it, or choose another --out (--init-from {out_dir} warm-starts from it)")
 
 
+VOCAB_FROM = ("sequences", "responses")
+
+
 @dataclass
 class TrainConfig:
     method: str = "p-eagle"
@@ -119,6 +122,8 @@ class TrainConfig:
     num_kv_heads: int | None = None
     head_dim: int | None = None
     init_from: str | None = None  # warm start: a saved head of the same shape (weights only)
+    vocab_from: str = "sequences"  # draft vocabulary: most frequent in whole sequences, or in "responses"
+    rebuild_vocab: bool = False  # warm start: pick a new draft vocabulary from this data (else keep the head's)
     aux_layers: tuple[int, ...] | None = None  # None: EAGLE-3's default, spread if it repeats
     mask_token_id: int | None = None  # None: a spare special token of the tokenizer
     steps: int = 3000
@@ -165,6 +170,11 @@ class TrainConfig:
         if self.deep_greedy_only and self.method != "p-eagle":
             raise ConfigError("deep_greedy_only is a P-EAGLE option (EAGLE-3's training-time test feeds the "
                               f"real tokens in), got method {self.method!r}")
+        if self.vocab_from not in VOCAB_FROM:
+            raise ConfigError(f"vocab_from must be one of {', '.join(VOCAB_FROM)}, got {self.vocab_from!r}")
+        if self.rebuild_vocab and not self.init_from:
+            raise ConfigError("rebuild_vocab re-picks a warm start's draft vocabulary; without init_from the "
+                              "vocabulary is picked from the data anyway")
         if not 0 <= self.chain_weight <= 1:
             raise ConfigError(f"chain_weight must be in [0, 1], got {self.chain_weight}")
         if self.chain_weight and self.method != "p-eagle":
@@ -261,13 +271,20 @@ class Trainer:
         counts = data.token_counts(target_cfg.vocab_size, self.train_idx)
         mask_id = tc.mask_token_id
         # A warm start keeps the head's draft vocabulary and mask token, so it can go on with
-        # new data, whose token counts would pick a slightly different vocabulary.
+        # new data, whose token counts would pick a slightly different vocabulary, unless told
+        # to rebuild it (the rows of the tokens it keeps survive; _adopt_lm_head).
         warm = load_eagle3(tc.init_from, torch.float32, "cpu", target_embedding=target.model.embed_tokens) \
             if tc.init_from else None
-        if warm is None:
-            self.vocab: DraftVocab = build_draft_vocab(counts, tc.draft_vocab_size, always=eos_ids)
+        if warm is None or tc.rebuild_vocab:
+            picked = counts if tc.vocab_from == "sequences" else \
+                data.token_counts(target_cfg.vocab_size, self.train_idx, responses_only=True)
+            self.vocab: DraftVocab = build_draft_vocab(picked, tc.draft_vocab_size, always=eos_ids)
         else:
             self.vocab = vocab_of(warm, target_cfg.vocab_size)
+            if self.vocab.ids.numel() != tc.draft_vocab_size:
+                raise ConfigError(f"cannot warm-start from {tc.init_from}: its draft_vocab_size is "
+                                  f"{self.vocab.ids.numel()}, not {tc.draft_vocab_size} (--rebuild-vocab picks "
+                                  "a new vocabulary of that size)")
             if mask_id is None:
                 mask_id = warm.config.mask_token_id
         if tc.method == "p-eagle" and mask_id is None:
@@ -290,7 +307,7 @@ class Trainer:
             self.drafter.t2d.copy_(self.vocab.t2d)
             self._init_from_target(target, target_cfg)
             if warm is not None:
-                self._init_from_head(warm, tc.init_from)
+                self._init_from_head(warm, tc.init_from, target)
         self.params = [p for n, p in self.drafter.named_parameters() if not n.startswith("embed_tokens.")]
         self.optimizer = torch.optim.AdamW(self.params, lr=tc.lr, betas=(0.9, 0.95), eps=1e-8,
                                            weight_decay=tc.weight_decay)
@@ -312,7 +329,7 @@ class Trainer:
     # What an EAGLE-3 head lacks to be a P-EAGLE head of its shape: a P-EAGLE run may start from it.
     PARALLEL_KEYS = ("parallel_drafting", "mask_token_id", "ptd_token_id")
 
-    def _init_from_head(self, head: Eagle3Drafter, path: str) -> None:
+    def _init_from_head(self, head: Eagle3Drafter, path: str, target) -> None:
         """Warm start from a saved head of the same shape (its draft vocabulary already adopted).
         A P-EAGLE run may start from an EAGLE-3 head: every shared weight is copied and only the
         mask slot's hidden state (``mask_hidden``) starts fresh, from the mean target feature.
@@ -320,7 +337,8 @@ class Trainer:
         their output projections (o_proj, down_proj) zero, so they add nothing to the residual
         stream and the grown head drafts exactly as the saved one until training moves them.
         It may grow wider MLPs the same way: the saved gate and up rows are kept, the new
-        ones start random, and the new down_proj columns start at zero."""
+        ones start random, and the new down_proj columns start at zero. With ``rebuild_vocab``
+        its draft vocabulary (and so its size) may change too: ``_adopt_lm_head``."""
         mine, theirs = self.cfg.to_dict(), head.config.to_dict()
         from_sequential = self.cfg.parallel_drafting and not head.config.parallel_drafting
         grown = self.cfg.num_hidden_layers - head.config.num_hidden_layers
@@ -328,7 +346,8 @@ class Trainer:
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)
                       and not (from_sequential and k in self.PARALLEL_KEYS)
                       and not (k == "num_hidden_layers" and grown > 0)
-                      and not (k == "intermediate_size" and widened > 0))
+                      and not (k == "intermediate_size" and widened > 0)
+                      and not (k == "draft_vocab_size" and self.tc.rebuild_vocab))
         if diff:
             why = {"num_hidden_layers": "a head may grow deeper, not shallower",
                    "intermediate_size": "an MLP may grow wider, not narrower"}
@@ -337,10 +356,34 @@ class Trainer:
         state = {n: t for n, t in head.state_dict().items() if not n.startswith("embed_tokens.")}
         if widened > 0:
             self._widen_mlps(state, head.config.num_hidden_layers, head.config.intermediate_size)
+        if self.tc.rebuild_vocab:
+            for name in ("lm_head.weight", "d2t", "t2d"):
+                state.pop(name)
+            self._adopt_lm_head(head, target)
         self.drafter.load_state_dict(state, strict=False)
         for layer in self.drafter.layers[head.config.num_hidden_layers:]:
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
+
+    def _adopt_lm_head(self, head: Eagle3Drafter, target, ridge: float = 1e-3) -> None:
+        """The output rows for a rebuilt draft vocabulary. A token the saved head had keeps its
+        row. A new token's row is the target's output row for it mapped into the head's space by
+        the linear map that best takes the target's rows of the old vocabulary to the head's
+        (ridge least squares), so it starts out scored about as the head would score it."""
+        old = vocab_of(head, self.drafter.t2d.numel()).ids
+        new = self.vocab.ids
+        rows = head.lm_head.weight.detach().float().cpu()  # [old vocab, drafter hidden]
+        t_rows = target.lm_head.weight.detach().float().cpu()  # [target vocab, target hidden]
+        x = t_rows[old]
+        gram = x.T @ x
+        gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0])
+        mapping = torch.linalg.solve(gram, x.T @ rows)  # [target hidden, drafter hidden]
+        out = t_rows[new] @ mapping
+        where_old = torch.full((self.drafter.t2d.numel(),), -1, dtype=torch.long)
+        where_old[old] = torch.arange(old.numel())
+        kept = where_old[new]
+        out[kept >= 0] = rows[kept[kept >= 0]]
+        self.drafter.lm_head.weight.copy_(out.to(self.drafter.lm_head.weight))
 
     def _widen_mlps(self, state: dict, num_layers: int, narrow: int) -> None:
         """Copies the saved MLPs of ``narrow`` width into the first units of this head's wider
