@@ -384,13 +384,22 @@ def test_async_scheduling_waits_for_the_history_and_stays_lossless(fixture_runs)
     plain_llm, params, _, expected = fixture_runs
     llm = LLM(TARGET, dtype="float32", speculative_config=SPECS["p-eagle"], async_scheduling=True)
     continued, original = [], llm.engine._continue
-    llm.engine._continue = lambda: continued.append(1) or original()
+
+    def spy():  # records, for each step launched ahead, whether a row reading the history was in it
+        continued.append(any(s.params.needs_history for s in llm.engine._inflight[0]))
+        return original()
+
+    llm.engine._continue = spy
     outs = llm.generate(PROMPTS, params, use_tqdm=False)
-    assert not continued  # penalties / min_tokens read the host's tokens: never launched ahead
+    # Penalties / min_tokens read the host's tokens: no step is launched ahead while such a row
+    # runs. Once those rows finish, the rows left (plain, bias) may overlap; whether any steps
+    # remain then depends on how many tokens each row's drafts were accepted for.
+    assert not any(continued)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in expected]
+    continued.clear()
     bias_only = [params[3]] * 2  # a bias reads no history: the steps still overlap
     outs = llm.generate(PROMPTS[:2], bias_only, use_tqdm=False)
-    assert continued
+    assert continued and not any(continued)
     sync = plain_llm.generate(PROMPTS[:2], bias_only, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in sync]
 
