@@ -668,3 +668,74 @@ def test_vocabulary_from_responses_and_rebuilt_on_a_warm_start(tiny, tmp_path):
         TrainConfig(rebuild_vocab=True)
     with pytest.raises(ConfigError, match="vocab_from must be one of sequences, responses, got 'prompts'"):
         TrainConfig(vocab_from="prompts")
+
+
+FUNCTION_SOURCE = '''import os
+from typing import List
+
+
+def undocumented(x):
+    return x + 1
+
+
+class Box:
+    def scaled(self, factor: float) -> "Box":
+        """Return a copy scaled by factor."""
+        return Box()
+
+
+@staticmethod
+def mean(numbers: List[float]) -> float:
+    """Mean of numbers.
+
+    >>> mean([1.0, 3.0])
+    2.0
+    """
+    return sum(numbers) / len(numbers)
+
+
+def only_doc():
+    """Nothing to write after this."""
+'''
+
+
+def test_function_prompts_are_headers_of_documented_functions(tmp_path):
+    """--function-prompts: a documented function's header (the file's imports, its def line(s)
+    and docstring, dedented) whose body is left for the target to write; none from a file without
+    one (or that does not parse); a share of the files, the rest windows as before."""
+    import random
+
+    from parspec.tokenizer import Tokenizer
+    from parspec.train.data import corpus_prompts, function_prompt
+
+    imports = "import os\nfrom typing import List\n\n\n"
+    want = {imports + 'def scaled(self, factor: float) -> "Box":\n    """Return a copy scaled by factor."""\n',
+            imports + 'def mean(numbers: List[float]) -> float:\n    """Mean of numbers.\n\n    >>> mean([1.0, 3.0])\n'
+                      '    2.0\n    """\n'}
+    seen = {function_prompt(FUNCTION_SOURCE, random.Random(seed)) for seed in range(20)}
+    assert seen == want  # never the undocumented one, nor one whose docstring is its whole body
+    assert function_prompt("def f(:\n", random.Random(0)) is None
+    assert function_prompt("def f(x):\n    return x\n", random.Random(0)) is None
+
+    root = tmp_path / "src"
+    root.mkdir()
+    for i in range(6):
+        (root / f"m{i}.py").write_text(FUNCTION_SOURCE.replace("mean", f"mean{i}"))
+        (root / f"plain{i}.py").write_text("".join(f"value_{i}_{j} = {j} * {i}\n" for j in range(60)))
+    tok = Tokenizer(os.path.join(os.path.dirname(__file__), "..", "fixtures", "reference", "target"))
+    texts = [tok.decode(p) for p in corpus_prompts(str(root), tok, 12, 8, 200, seed=3, function_share=1.0)]
+    headers = [t for t in texts if t.startswith(imports)]
+    assert len(headers) == 6  # one from each m*.py file, the 12 files taken once each
+    assert all(t.rstrip().endswith('"""') and "return" not in t for t in headers)
+    assert all(t.startswith("value_") for t in texts if t not in headers)  # plain files: windows
+    sources = [f.read_text() for f in sorted(root.iterdir())]
+    windows = [tok.decode(p) for p in corpus_prompts(str(root), tok, 12, 8, 200, seed=3)]
+    assert windows == [tok.decode(p) for p in corpus_prompts(str(root), tok, 12, 8, 200, seed=3, function_share=0.0)]
+    assert all(any(w in src for src in sources) for w in windows)  # slices of the files, as before
+    assert not any(h in src for h in headers for src in sources)  # headers are not: imports + def joined
+    with pytest.raises(ConfigError, match="function prompt share must be in \\[0, 1\\], got 1.5"):
+        corpus_prompts(str(root), tok, 4, 8, 200, seed=3, function_share=1.5)
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text('{"prompt": "def f():"}\n')
+    with pytest.raises(ConfigError, match="function prompts come from .py files"):
+        corpus_prompts(str(jsonl), tok, 4, 1, 200, seed=3, function_share=0.5)
