@@ -93,6 +93,21 @@ def function_prompt(source: str, rng: random.Random) -> str | None:
     return (imports + "\n\n" if imports else "") + head
 
 
+def window_prompt(source: str, tokenizer, rng: random.Random, min_tokens: int, max_tokens: int) -> list[int] | None:
+    """A window of the file starting at a random line, ``min_tokens``..``max_tokens`` tokens
+    long (a seeded length); None when the file holds too few tokens from there."""
+    lines = source.splitlines(keepends=True)
+    start = rng.randrange(max(1, len(lines) - 8))
+    text, end = "", start
+    while end < len(lines) and len(text) < max_tokens * 8:  # ~8 characters a token at most
+        text += lines[end]
+        end += 1
+    ids = tokenizer.encode(text)
+    if len(ids) < min_tokens:
+        return None
+    return ids[:rng.randint(min_tokens, min(max_tokens, len(ids)))]
+
+
 def corpus_prompts(corpus: str, tokenizer, num_prompts: int, min_tokens: int, max_tokens: int,
                    seed: int, function_share: float = 0.0) -> list[list[int]]:
     """``num_prompts`` token prompts, the same for the same arguments and files.
@@ -139,25 +154,16 @@ def corpus_prompts(corpus: str, tokenizer, num_prompts: int, min_tokens: int, ma
                         source = f.read()
                 except (OSError, UnicodeDecodeError):
                     continue
+                ids = None
                 if function_share and rng.random() < function_share:
                     text = function_prompt(source, rng)
                     ids = tokenizer.encode(text)[-max_tokens:] if text else []
-                    if len(ids) >= min_tokens:
-                        prompts.append(ids)
-                        bar.update(1)
-                        if len(prompts) == num_prompts:
-                            return prompts
-                        continue  # a file without one gives a window instead
-                lines = source.splitlines(keepends=True)
-                start = rng.randrange(max(1, len(lines) - 8))
-                text, end = "", start
-                while end < len(lines) and len(text) < max_tokens * 8:  # ~8 characters a token at most
-                    text += lines[end]
-                    end += 1
-                ids = tokenizer.encode(text)
-                if len(ids) < min_tokens:
-                    continue
-                prompts.append(ids[:rng.randint(min_tokens, min(max_tokens, len(ids)))])
+                    ids = ids if len(ids) >= min_tokens else None  # a file without one gives a window instead
+                if ids is None:
+                    ids = window_prompt(source, tokenizer, rng, min_tokens, max_tokens)
+                    if ids is None:
+                        continue
+                prompts.append(ids)
                 bar.update(1)
                 if len(prompts) == num_prompts:
                     return prompts
