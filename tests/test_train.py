@@ -739,3 +739,23 @@ def test_function_prompts_are_headers_of_documented_functions(tmp_path):
     jsonl.write_text('{"prompt": "def f():"}\n')
     with pytest.raises(ConfigError, match="function prompts come from .py files"):
         corpus_prompts(str(jsonl), tok, 4, 1, 200, seed=3, function_share=0.5)
+
+
+def test_function_prompt_reads_lines_as_the_parser_counts_them():
+    """The header and imports are cut from lines split where the parser splits them (a form
+    feed ends a line for str.splitlines, not for the parser), and each import is the text
+    ast.get_source_segment gives, multi-byte characters and ';' included."""
+    import ast
+    import random
+
+    from parspec.train.data import _SOURCE_LINE, _segment, function_prompt
+
+    source = ("import os; import sys\nfrom é_pkg import (a,\n    b)\n\x0c\n"
+              "def f(x):\r\n    \"\"\"Doc, é.\"\"\"\r\n    return x\rdef g():\n    pass\n")
+    lines = _SOURCE_LINE.findall(source)
+    assert "".join(lines) == source
+    nodes = [n for n in ast.walk(ast.parse(source)) if getattr(n, "end_lineno", None) is not None]
+    assert len(nodes) > 10
+    assert [_segment(lines, n) for n in nodes] == [ast.get_source_segment(source, n) for n in nodes]
+    assert function_prompt(source, random.Random(0)) == (
+        "import os\nimport sys\nfrom é_pkg import (a,\n    b)\n\n\ndef f(x):\r\n    \"\"\"Doc, é.\"\"\"\r\n")
