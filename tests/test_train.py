@@ -60,12 +60,14 @@ def grads_for(trainer: Trainer, bounds, step=0) -> tuple[float, dict]:
     return loss, {n: p.grad.clone() for n, p in trainer.drafter.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("method", ["p-eagle", "eagle3", "p-eagle-greedy-only", "p-eagle-chain"])
+@pytest.mark.parametrize("method", ["p-eagle", "eagle3", "p-eagle-greedy-only", "p-eagle-chain", "p-eagle-refine"])
 def test_sequence_partition_gives_whole_sequence_gradients(tiny, tmp_path, method):
     greedy_only = method == "p-eagle-greedy-only"
     chain_weight = 0.7 if method == "p-eagle-chain" else 0.0
-    method = method.removesuffix("-greedy-only").removesuffix("-chain")
-    trainer = make_trainer(tiny, method, tmp_path, deep_greedy_only=greedy_only, chain_weight=chain_weight)
+    refine_share = 0.5 if method == "p-eagle-refine" else 0.0
+    method = method.removesuffix("-greedy-only").removesuffix("-chain").removesuffix("-refine")
+    trainer = make_trainer(tiny, method, tmp_path, deep_greedy_only=greedy_only, chain_weight=chain_weight,
+                           refine_share=refine_share)
     A = max(LENGTHS) - 1
     loss_full, full = grads_for(trainer, [(0, A)])
     loss_seg, seg = grads_for(trainer, [(0, 3), (3, 11), (11, A)])  # unequal segments
@@ -146,6 +148,76 @@ def test_peagle_dense_logits_equal_entry_by_entry(tiny, tmp_path):
         torch.testing.assert_close(drafter.compute_logits(out[0, -1]), dense[b, i], rtol=1e-4, atol=1e-4)
         checked.add(d)
     assert checked == set(range(trainer.tc.num_speculative_tokens))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("slots", ["teacher-forced", "drafts"])
+def test_refined_slots_read_their_tokens_as_inference_does(tiny, tmp_path, slots):
+    """--refine-share: a refined anchor's depth-d entry reads a token in place of the mask:
+    x[p+1+d] in training, or (evaluation of a refinement pass) the previous pass's draft of
+    depth d-1. Its logits equal the inference view: real entries 0..p, then slots 1..d holding
+    those tokens with fc(mask_hidden), plain causal attention. Unrefined anchors keep the mask."""
+    trainer = make_trainer(tiny, "p-eagle", tmp_path, refine_share=0.5)
+    drafter = trainer.drafter.eval()
+    torch.nn.init.normal_(drafter.mask_hidden, std=1.0)
+    batch, cap = trainer._capture(list(range(len(LENGTHS))))
+    K, A = trainer.tc.num_speculative_tokens, max(LENGTHS) - 1
+    slot_tokens = None
+    if slots == "drafts":  # what evaluate() feeds a refinement pass: the mask pass's drafts, one depth down
+        _, stats, _ = trainer.batch_loss(list(range(len(LENGTHS))), None, backward=False, chain=True,
+                                         captured=(batch, cap))
+        slot_tokens = torch.cat([torch.zeros_like(stats.draft[:, :1]), stats.draft[:, :-1]], dim=1)
+    plan = make_plan(batch, cap, K, 0.8, trainer.keep, torch.Generator().manual_seed(5), refine_share=0.5,
+                     slot_tokens=slot_tokens)
+    assert 0 < int(plan.refine.sum()) < plan.refine.numel()  # both kinds of anchor are exercised
+    a, e = 2, A
+    normed, ent = peagle_forward(drafter, batch, cap, plan, a, e, mask_token_id=1)
+    dense = drafter.compute_logits(normed)
+    mask_h = drafter.project(drafter.mask_hidden)
+    seen = set()
+    for b, i in ent.scored.nonzero().tolist():
+        p, d = int(ent.anchor[b, i]), int(ent.depth[b, i])
+        if d == 0:
+            continue
+        refined = bool(plan.refine[b, p])
+        if not refined:
+            fed = torch.full((d,), 1)
+        elif slots == "drafts":
+            fed = stats.draft[b, :d, p]
+        else:
+            fed = batch.tokens[b, p + 2:p + 2 + d]
+        assert torch.equal(ent.token[b, i], fed[-1])
+        tokens = torch.cat([batch.tokens[b, 1:p + 2], fed])
+        hidden = torch.cat([drafter.project(cap.features[b, :p + 1]), mask_h.expand(d, -1)])
+        out, _ = drafter(tokens[None], torch.arange(p + 1 + d)[None], hidden[None], _causal(p + 1 + d)[None])
+        torch.testing.assert_close(drafter.compute_logits(out[0, -1]), dense[b, i], rtol=1e-4, atol=1e-4)
+        seen.add(refined)
+    assert seen == {True, False}
+
+
+def test_refine_share_trains_and_is_evaluated_after_each_pass(tiny, tmp_path):
+    """Evaluation of a head trained with --refine-share scores the mask pass, 1 and 2
+    refinement passes and teacher forcing on the same anchors; the option is a P-EAGLE one in [0, 1]."""
+    data = synthetic_data(384, copies=4)
+    trainer = make_trainer(tiny, "p-eagle", tmp_path, data, heldout=3, eval_batch_size=2, refine_share=0.5)
+    first = trainer.train_step()["loss"]
+    for _ in range(8):
+        last = trainer.train_step()["loss"]
+    assert last < first
+    ev = trainer.evaluate()
+    K = trainer.tc.num_speculative_tokens
+    assert list(ev["refine"]) == ["refine 1", "refine 2", "teacher-forced"]
+    for r in ev["refine"].values():
+        assert len(r["acc"]) == K and r["count"] == ev["count"]
+        # Depth 0 reads no slot token: the same in every mode.
+        assert r["acc"][0] == pytest.approx(ev["acc"][0])
+        assert r["acceptance_length"] is None or 1 <= r["acceptance_length"] <= K + 1
+    plain = make_trainer(tiny, "p-eagle", tmp_path / "plain", data, heldout=3, eval_batch_size=2)
+    assert "refine" not in plain.evaluate()
+    with pytest.raises(ConfigError, match="refine_share trains P-EAGLE's refinement passes"):
+        TrainConfig(method="eagle3", refine_share=0.5)
+    with pytest.raises(ConfigError, match="refine_share must be in \\[0, 1\\], got -0.1"):
+        TrainConfig(method="p-eagle", refine_share=-0.1)
 
 
 @torch.no_grad()

@@ -82,6 +82,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--chain-weight", type=float, default=0.0,
                    help="p-eagle: weight depth d's loss by 1 - w + w * the drafter's probability of being right "
                         "at every shallower depth (what greedy acceptance counts); 0 = off")
+    t.add_argument("--refine-share", type=float, default=0.0,
+                   help="p-eagle: share of anchors whose depths >= 1 take the real token instead of the mask "
+                        "(teacher forcing), training the slots for draft_refine_passes; 0 = off")
     t.add_argument("--segment-len", type=int, default=256, help="anchors per segment (0: whole sequences)")
     t.add_argument("--heldout", type=int, default=128)
     t.add_argument("--eval-every", type=int, default=500)
@@ -119,7 +122,7 @@ def run(args) -> int:
     from parspec.config import ModelConfig
     from parspec.loader import check_model_dir
     from parspec.train.trainer import (MiB, TrainConfig, TrainingInterrupted, check_head_size, check_out_dir,
-                                       drafter_config, train_drafter)
+                                       drafter_config, refine_summary, train_drafter)
 
     if args.data_only and not args.data:
         raise ConfigError("--data-only needs --data PATH")
@@ -146,7 +149,7 @@ def run(args) -> int:
         batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, depth_decay=args.depth_decay, deep_keep=args.deep_keep,
         deep_min_keep=args.deep_min_keep, deep_greedy_only=args.deep_greedy_only, chain_weight=args.chain_weight,
-        segment_len=args.segment_len, heldout=args.heldout,
+        refine_share=args.refine_share, segment_len=args.segment_len, heldout=args.heldout,
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device,
         target_dtype=args.dtype, save_dtype=args.save_dtype, max_bytes=args.max_bytes,
         max_train_seconds=args.max_train_seconds, keep_checkpoint=args.keep_checkpoint)
@@ -168,7 +171,7 @@ def run(args) -> int:
     ev = metrics["final_eval"]
     tau = ev["acceptance_length"]
     print(f"saved {args.out}: held-out top-1 per depth " + " ".join(f"{a:.3f}" for a in ev["acc"])
-          + (f"; estimated acceptance length {tau:.2f}" if tau else ""))
+          + (f"; estimated acceptance length {tau:.2f}" if tau else "") + refine_summary(ev))
     return 0
 
 

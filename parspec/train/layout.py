@@ -5,7 +5,10 @@ An entry is (sequence b, anchor p, depth d). Depth 0 is the REAL entry of positi
 token x[p+1], the target's feature f[p], position p. A depth-d entry (d >= 1) of anchor p
 sits at position p + d and predicts x[p+2+d] from the target's distribution at p+1+d;
 its input is a mask token + fc(mask_hidden) for P-EAGLE, or x[p+1+d] + the drafter's own
-output of depth d-1 for EAGLE-3's training-time test. One rule covers both methods:
+output of depth d-1 for EAGLE-3's training-time test. A P-EAGLE anchor drawn for refinement
+(``Plan.slot_tokens``) feeds its depth-d entry a token in place of the mask: x[p+1+d] in
+training (what a refinement pass sees where the drafts before it were right), the previous
+pass's draft in evaluation. One rule covers all of them:
 
     entry e sees entry f  <=>  f is real and anchor(f) <= anchor(e)
                                or anchor(f) == anchor(e) and 1 <= depth(f) <= depth(e)
@@ -35,6 +38,9 @@ class Plan:
 
     present: torch.Tensor  # [B, K, A] bool
     weight: torch.Tensor  # [B, K, A] float32
+    # P-EAGLE refinement: where refine[b, p], depth d >= 1 of anchor p takes slot_tokens[b, d, p]
+    refine: torch.Tensor | None = None  # [B, A] bool
+    slot_tokens: torch.Tensor | None = None  # [B, K, A] int64
 
     @property
     def num_depths(self) -> int:
@@ -48,7 +54,8 @@ def depth_keep_fractions(num_depths: int, keep: float, min_keep: float) -> list[
 
 def make_plan(batch: Batch, cap: Captured, num_depths: int, decay: float,
               keep_fractions: list[float] | None = None, generator: torch.Generator | None = None,
-              greedy_only: bool = False) -> Plan:
+              greedy_only: bool = False, refine_share: float = 0.0,
+              slot_tokens: torch.Tensor | None = None) -> Plan:
     """Entries with a label inside the sequence (p + 1 + d <= length - 1), optionally a
     nested seeded subset per depth: anchor p is kept at depth d when u[b, p] < fraction[d].
 
@@ -73,7 +80,14 @@ def make_plan(batch: Batch, cap: Captured, num_depths: int, decay: float,
     scored = present & label_ok
     counts = scored.sum(dim=(0, 2)).clamp(min=1).float()
     per_depth = decay ** d.float() / counts
-    return Plan(present, scored.float() * per_depth[None, :, None])
+    refine = None
+    if refine_share >= 1:
+        refine = torch.ones(B, A, dtype=torch.bool, device=device)
+    elif refine_share > 0:
+        refine = (torch.rand(B, A, generator=generator) < refine_share).to(device)
+    if refine is not None and slot_tokens is None:
+        slot_tokens = batch.tokens.gather(1, label.reshape(1, -1).expand(B, -1)).view(B, K, A)
+    return Plan(present, scored.float() * per_depth[None, :, None], refine, slot_tokens if refine is not None else None)
 
 
 def segment_bounds(num_anchors: int, segment_len: int) -> list[tuple[int, int]]:
@@ -133,7 +147,7 @@ def real_entries(batch: Batch, plan: Plan, a: int, e: int) -> Entries:
 
 def deep_entries(plan: Plan, a: int, e: int, token_id: int) -> Entries:
     """P-EAGLE's mask entries (depths 1..K-1) of anchors a..e-1 that the plan keeps,
-    compacted per sequence and padded to the longest."""
+    compacted per sequence and padded to the longest; a refined anchor's carry its slot tokens."""
     present = plan.present[:, 1:, a:e]  # [B, K-1, S]
     B, Km1, S = present.shape
     flat = present.transpose(1, 2).reshape(B, S * Km1)  # anchor-major
@@ -146,8 +160,13 @@ def deep_entries(plan: Plan, a: int, e: int, token_id: int) -> Entries:
     anchor = torch.where(keep, a + order // Km1, PAD)
     depth = torch.where(keep, order % Km1 + 1, PAD)
     safe_a, safe_d = anchor.clamp(min=0), depth.clamp(min=0)
-    weight = plan.weight[torch.arange(B, device=flat.device)[:, None], safe_d, safe_a] * keep
-    return Entries(token=torch.full_like(anchor, token_id), pos=torch.where(keep, safe_a + safe_d, 0),
+    rows = torch.arange(B, device=flat.device)[:, None]
+    weight = plan.weight[rows, safe_d, safe_a] * keep
+    token = torch.full_like(anchor, token_id)
+    if plan.refine is not None:
+        refined = keep & plan.refine[rows, safe_a]
+        token = torch.where(refined, plan.slot_tokens[rows, safe_d, safe_a], token)
+    return Entries(token=token, pos=torch.where(keep, safe_a + safe_d, 0),
                    anchor=anchor, depth=depth, label=torch.where(keep, safe_a + 1 + safe_d, 0),
                    weight=weight, scored=keep)
 

@@ -25,19 +25,23 @@ class DepthStats:
     """Per-depth sums on the device (read once per step): KL over entries with a label in
     the draft vocabulary, top-1 hits against the target's argmax over all scored entries.
     ``chain[b, d, p]``: the drafter's top-1 equals the actual next token (for the
-    acceptance-length estimate); kept only when asked."""
+    acceptance-length estimate) and ``draft[b, d, p]`` that top-1 (the next refinement pass's
+    slot token); kept only when asked."""
 
     kl_sum: torch.Tensor
     kl_count: torch.Tensor
     hits: torch.Tensor
     count: torch.Tensor
     chain: torch.Tensor | None = None
+    draft: torch.Tensor | None = None
 
     @classmethod
     def zeros(cls, num_depths: int, device, chain_shape: tuple[int, int, int] | None = None) -> DepthStats:
         z = lambda: torch.zeros(num_depths, dtype=torch.float64, device=device)  # noqa: E731
-        chain = torch.zeros(chain_shape, dtype=torch.bool, device=device) if chain_shape else None
-        return cls(z(), z(), z(), z(), chain)
+        if not chain_shape:
+            return cls(z(), z(), z(), z())
+        return cls(z(), z(), z(), z(), torch.zeros(chain_shape, dtype=torch.bool, device=device),
+                   torch.zeros(chain_shape, dtype=torch.int64, device=device))
 
     def add(self, other: DepthStats) -> None:
         for name in ("kl_sum", "kl_count", "hits", "count"):
@@ -96,6 +100,7 @@ def score(drafter, normed: torch.Tensor, ent: Entries, batch: Batch, cap: Captur
         if stats.chain is not None:
             actual = batch.tokens[b, (label + 1).clamp(max=T - 1)]
             stats.chain[b, depth, ent.anchor[b, n]] = (pred == actual) & (label + 1 < batch.lengths[b])
+            stats.draft[b, depth, ent.anchor[b, n]] = pred
     return loss
 
 

@@ -79,11 +79,18 @@ def render_card(m: dict) -> str:
                      "(`--deep-greedy-only`)." if cfg.get("deep_greedy_only") else "")
                   + (f" Depth d's loss is scaled by {1 - cfg['chain_weight']:g} + {cfg['chain_weight']:g} x the head's "
                      "own probability (no gradient) of the target's token at every shallower depth of the anchor "
-                     "(`--chain-weight`)." if cfg.get("chain_weight") else ""))
+                     "(`--chain-weight`)." if cfg.get("chain_weight") else "")
+                  + (f" A share {cfg['refine_share']:g} of the anchors feed their depths d >= 1 the real token "
+                     "instead of the mask (`--refine-share`), for the engine's `draft_refine_passes`."
+                     if cfg.get("refine_share") else ""))
     else:
         mask_line = ""
         depths = "Training-time test: step i feeds the step i-1 output back in, over the K steps."
     stopped = " (stopped at the time budget)" if m.get("stopped_early") else ""
+    refine_text = "".join(f" After {mode.split()[1]} refinement pass(es): {r['acceptance_length']:.2f}."
+                          if mode.startswith("refine")
+                          else f" Teacher-forced (every slot fed the real token): {r['acceptance_length']:.2f}."
+                          for mode, r in ev.get("refine", {}).items() if r["acceptance_length"])
     picked = f"the most frequent\n  in the training {'responses' if cfg.get('vocab_from') == 'responses' else 'sequences'}"
     if cfg.get("init_from"):
         vocab_from = (f"{picked}, rebuilt from the warm start `{cfg['init_from']}`" if cfg.get("rebuild_vocab")
@@ -143,7 +150,7 @@ Sequence partition: {cfg['segment_len'] or 'whole sequences'} anchors per segmen
 |---|---|---|---|
 {acc_rows}
 
-Estimated acceptance length: {tau_text}. The estimate counts, at each held-out position of
+Estimated acceptance length: {tau_text}.{refine_text} The estimate counts, at each held-out position of
 a greedy response, the leading depths whose top-1 equals the target's token; the engine's
 measured value (`parspec bench`) is the one to quote.
 

@@ -42,6 +42,7 @@ from parspec.train.layout import depth_keep_fractions, make_plan, segment_bounds
 from parspec.train.objective import DepthStats, segment_loss
 
 METHODS = ("eagle3", "p-eagle")
+REFINE_EVAL_PASSES = 2  # refinement passes scored in evaluation (besides teacher forcing)
 MiB = 1 << 20
 CHECKPOINT = "checkpoint"  # under OUT; CHECKPOINT.tmp is one being written, CHECKPOINT.old one being replaced
 
@@ -138,6 +139,7 @@ class TrainConfig:
     deep_min_keep: float = 0.2  # ... and at least this fraction
     deep_greedy_only: bool = False  # P-EAGLE: depths >= 1 only where the tokens they skip are greedy output
     chain_weight: float = 0.0  # P-EAGLE: scale depth d by 1 - w + w * P(drafter right at depths < d)
+    refine_share: float = 0.0  # P-EAGLE: share of anchors whose depths >= 1 get the real token, not the mask
     segment_len: int = 256  # anchors per segment; 0 = whole sequences
     heldout: int = 128  # held-out sequences (at most a fifth of the data)
     eval_every: int = 500
@@ -180,6 +182,11 @@ class TrainConfig:
         if self.chain_weight and self.method != "p-eagle":
             raise ConfigError("chain_weight is a P-EAGLE option (EAGLE-3's training-time test scores one depth "
                               f"per pass), got method {self.method!r}")
+        if not 0 <= self.refine_share <= 1:
+            raise ConfigError(f"refine_share must be in [0, 1], got {self.refine_share}")
+        if self.refine_share and self.method != "p-eagle":
+            raise ConfigError("refine_share trains P-EAGLE's refinement passes (EAGLE-3's training-time test feeds "
+                              f"the real tokens in already), got method {self.method!r}")
         if self.num_heads is not None and self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.segment_len < 0:
@@ -189,6 +196,12 @@ class TrainConfig:
     @property
     def resolved_device(self) -> torch.device:
         return resolve_device(self.device)
+
+
+def refine_summary(ev: dict) -> str:
+    """The refinement figures of an evaluation, for a log line ('' without them)."""
+    return "".join(f"; {mode}: ~{r['acceptance_length']:.2f}" for mode, r in ev.get("refine", {}).items()
+                   if r["acceptance_length"])
 
 
 # --- the head's shape ------------------------------------------------------------------------
@@ -423,18 +436,23 @@ class Trainer:
 
     # --- one batch ----------------------------------------------------------------------
     def batch_loss(self, indices: list[int], step: int | None, bounds=None, backward: bool = True,
-                   chain: bool = False) -> tuple[float, DepthStats, Batch]:
+                   chain: bool = False, captured=None, refine_share: float | None = None,
+                   slot_tokens: torch.Tensor | None = None) -> tuple[float, DepthStats, Batch]:
         """Loss of one batch, gradients accumulated segment by segment. ``step`` seeds
-        P-EAGLE's depth subsampling; None keeps every anchor at every depth (evaluation)."""
-        batch, cap = self._capture(indices)
+        P-EAGLE's depth subsampling and refined anchors; None keeps every anchor at every depth
+        (evaluation), refined where ``refine_share`` (default 0 there) says so."""
+        batch, cap = captured or self._capture(indices)
         K = self.tc.num_speculative_tokens
         keep = None
         generator = None
         if step is not None and self.tc.method == "p-eagle":
             keep = self.keep
             generator = torch.Generator().manual_seed(self.tc.seed * 1_000_003 + step)
+        if refine_share is None:
+            refine_share = self.tc.refine_share if step is not None else 0.0
         plan = make_plan(batch, cap, K, self.tc.depth_decay, keep, generator,
-                         greedy_only=self.tc.deep_greedy_only and step is not None)
+                         greedy_only=self.tc.deep_greedy_only and step is not None, refine_share=refine_share,
+                         slot_tokens=slot_tokens)
         A = batch.tokens.shape[1] - 1
         stats = DepthStats.zeros(K, self.device, (len(indices), K, A) if chain else None)
         total = 0.0
@@ -472,26 +490,44 @@ class Trainer:
     def evaluate(self) -> dict:
         """Held-out per-depth top-1 accuracy and KL (every anchor at every depth), and the
         acceptance length estimated on greedy responses: 1 + the mean number of leading
-        depths whose top-1 equals the actual greedy token."""
+        depths whose top-1 equals the actual greedy token.
+
+        A head trained with refine_share is scored again on the same anchors under "refine":
+        after 1..REFINE_EVAL_PASSES refinement passes (each slot fed the previous pass's top-1
+        draft of the depth before it, as the engine's draft_refine_passes does), and
+        teacher-forced (every slot fed the real token: what more passes tend to)."""
         self.drafter.eval()
         K = self.tc.num_speculative_tokens
-        total = DepthStats.zeros(K, self.device)
-        accepted, anchors = 0.0, 0
+        modes = ["mask"]
+        if self.tc.refine_share:
+            modes += [f"refine {r}" for r in range(1, REFINE_EVAL_PASSES + 1)] + ["teacher-forced"]
+        totals = {m: DepthStats.zeros(K, self.device) for m in modes}
+        accepted, anchors = dict.fromkeys(modes, 0.0), 0
         idx = self.heldout_idx or self.train_idx[:self.tc.eval_batch_size]
         for start in range(0, len(idx), self.tc.eval_batch_size):
             chunk = idx[start:start + self.tc.eval_batch_size]
-            _, stats, batch = self.batch_loss(chunk, None, backward=False, chain=True)
-            total.add(stats)
+            batch, cap = self._capture(chunk)
             A = batch.tokens.shape[1] - 1
             p = torch.arange(A, device=self.device)[None, :]
             eligible = (batch.greedy[:, None] & (p >= batch.prompt_lens[:, None] - 2)
                         & (p <= batch.lengths[:, None] - 2 - K))
-            run = stats.chain.long().cumprod(dim=1).sum(dim=1)  # [B, A] leading hits
-            accepted += float(run[eligible].sum())
             anchors += int(eligible.sum())
+            drafts = None
+            for mode in modes:
+                slots = None
+                if mode.startswith("refine"):  # slot d reads the last pass's draft of depth d-1
+                    slots = torch.cat([torch.zeros_like(drafts[:, :1]), drafts[:, :-1]], dim=1)
+                _, stats, _ = self.batch_loss(chunk, None, backward=False, chain=True, captured=(batch, cap),
+                                              refine_share=0.0 if mode == "mask" else 1.0, slot_tokens=slots)
+                drafts = stats.draft
+                totals[mode].add(stats)
+                run = stats.chain.long().cumprod(dim=1).sum(dim=1)  # [B, A] leading hits
+                accepted[mode] += float(run[eligible].sum())
         self.drafter.train()
-        out = {"step": self.step, **total.summary(),
-               "acceptance_length": 1 + accepted / anchors if anchors else None, "anchors": anchors}
+        tau = {m: 1 + accepted[m] / anchors if anchors else None for m in modes}
+        out = {"step": self.step, **totals["mask"].summary(), "acceptance_length": tau["mask"], "anchors": anchors}
+        if len(modes) > 1:
+            out["refine"] = {m: {**totals[m].summary(), "acceptance_length": tau[m]} for m in modes[1:]}
         self.metrics["eval"].append(out)
         return out
 
@@ -618,7 +654,7 @@ class Trainer:
                     ev = self.evaluate()
                     bar.write(f"step {self.step}: held-out acc " + " ".join(f"{a:.2f}" for a in ev["acc"])
                               + (f", acceptance length ~{ev['acceptance_length']:.2f}"
-                                 if ev["acceptance_length"] else ""))
+                                 if ev["acceptance_length"] else "") + refine_summary(ev))
                 if tc.checkpoint_every and self.step % tc.checkpoint_every == 0 and self.step < tc.steps:
                     self.save_checkpoint()
                 if tc.max_train_seconds and train_seconds >= tc.max_train_seconds:
