@@ -187,6 +187,9 @@ class SpeculativeConfig:
     disable_padded_drafter_batch: bool = False  # parspec always pads (fixed shapes for CUDA graphs)
     # parspec's own: the deepest K an "auto" depth may choose (default 7)
     max_num_speculative_tokens: int | None = None
+    # parspec's own: with parallel_drafting, rerun the P-EAGLE pass this many more times, each
+    # mask slot fed the previous pass's draft before it instead of the mask token
+    draft_refine_passes: int = 0
     adaptive: bool = field(default=False, init=False)  # set by num_speculative_tokens "auto"
 
     def __post_init__(self):
@@ -222,6 +225,12 @@ class SpeculativeConfig:
                                   f"got {lo!r} and {hi!r}")
         if self.parallel_drafting and self.method != "eagle3":
             raise ConfigError(f"parallel_drafting applies to method 'eagle3', not {self.method!r}")
+        r = self.draft_refine_passes
+        if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+            raise ConfigError(f"draft_refine_passes must be an integer >= 0, got {r!r}")
+        if r and not self.parallel_drafting:
+            raise ConfigError(f"draft_refine_passes={r} refines parallel drafts: it needs parallel_drafting true, "
+                              f"got parallel_drafting={self.parallel_drafting!r}")
         if self.draft_tensor_parallel_size not in (None, 1):
             raise ConfigError(f"draft_tensor_parallel_size={self.draft_tensor_parallel_size!r} is not supported: "
                               "parspec runs the drafter on one device (use 1 or leave it unset)")

@@ -18,7 +18,7 @@ class Proposal:
     num_drafts: torch.Tensor  # [B] int32, 0..K
     num_drafts_host: list[int]  # the same counts on the host, for statistics
     draft_probs: torch.Tensor | None = None  # [B, K, V] float32; None = deterministic drafts
-    drafter_passes: int = 0  # drafter forward passes this step (1 for parallel drafting)
+    drafter_passes: int = 0  # drafter forward passes this step (1 + draft_refine_passes for parallel drafting)
 
     @classmethod
     def full(cls, draft_tokens: torch.Tensor, draft_probs: torch.Tensor | None, drafter_passes: int,

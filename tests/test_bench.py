@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from parspec.bench import report
-from parspec.bench.harness import REFERENCE_PAIR, REPO, BenchConfig, ModelPair, run_bench
+from parspec.bench.harness import REFERENCE_PAIR, REPO, BenchConfig, ModelPair, run_bench, spec_config
 from parspec.bench.peers import PeerUnsupported, gpt_fast_bench, hf_generate, run_peers
-from parspec.cli import main
-from parspec.config import ConfigError
+from parspec.cli import build_parser, main
+from parspec.config import ConfigError, SpeculativeConfig
 
 PROMPTS = os.path.join(REPO, "fixtures", "demo_prompts.jsonl")  # in the repo, unlike ../shared/data
 GPT_FAST = os.path.join(REPO, ".peers", "gpt-fast")  # a local checkout, never committed
@@ -214,6 +214,19 @@ def test_config_errors_name_the_value(tmp_path):
         BenchConfig(pair=ModelPair.under(str(tmp_path)), methods=["eagle3"], prompts=PROMPTS)
     with pytest.raises(ConfigError, match="peer"):
         BenchConfig(peers=["vllm"], prompts=PROMPTS)
+
+
+def test_refined_p_eagle_methods():
+    """p-eagle-r1 / -r2: P-EAGLE's head with 1 / 2 refinement passes, valid speculative configs,
+    picked by name in the matrix and on the CLI."""
+    for method, passes in (("p-eagle-r1", 1), ("p-eagle-r2", 2)):
+        spec = spec_config(method, 3, PAIR)
+        assert spec == {"method": "eagle3", "model": PAIR.p_eagle, "num_speculative_tokens": 3,
+                        "parallel_drafting": True, "draft_refine_passes": passes}
+        assert SpeculativeConfig.from_any(spec).draft_refine_passes == passes
+    cfg = BenchConfig(methods=["p-eagle-r2", "p-eagle-r1"], prompts=PROMPTS)
+    assert cfg.methods == ["no-spec", "p-eagle-r1", "p-eagle-r2"]
+    assert build_parser().parse_args(["bench", "--methods", "p-eagle-r2"]).methods == ["p-eagle-r2"]
 
 
 def cli_args(tmp_path, *extra) -> list[str]:

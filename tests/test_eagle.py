@@ -1,7 +1,8 @@
 """EAGLE-3 / P-EAGLE drafting through the engine (CPU, float32): greedy output is the
 target's own, token for token; a head built to agree with the target gets most drafts
-accepted in both modes; P-EAGLE's one paged pass equals a dense masked reference;
-checkpoints load in parspec's and EAGLE's naming; bad heads fail with clear errors."""
+accepted in both modes; P-EAGLE's one paged pass equals a dense masked reference, and so
+does each refinement pass, its slots fed the previous pass's drafts; checkpoints load in
+parspec's and EAGLE's naming; bad heads fail with clear errors."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from parspec import LLM, SamplingParams
-from parspec.config import ConfigError
+from parspec.config import ConfigError, SpeculativeConfig
 from parspec.loader import LoadError
 from parspec.models.drafter import Eagle3Config, Eagle3Drafter, load_eagle3, save_eagle3
+from parspec.sampling import probs_from_logits
 from tests.conftest import make_hf_model
 
 MAX_TOKENS = 20
@@ -131,8 +133,9 @@ def bigram_head(g: list[int], target_hidden: int, mask_id: int, num_heads: int =
     return model.eval()
 
 
-def eagle_spec(path: str, k: int, parallel: bool) -> dict:
-    return {"method": "eagle3", "model": path, "num_speculative_tokens": k, "parallel_drafting": parallel}
+def eagle_spec(path: str, k: int, parallel: bool, refine: int = 0) -> dict:
+    return {"method": "eagle3", "model": path, "num_speculative_tokens": k, "parallel_drafting": parallel,
+            "draft_refine_passes": refine}
 
 
 def _outputs(outs) -> list[list[int]]:
@@ -173,11 +176,13 @@ def bigram(tmp_path_factory):
     mask_id = unused[0]
     heads = {}
     # "exact" knows g: every draft is accepted (the bonus path every step). "noisy" believes a
-    # wrong g for every 7th token: accepts and rejects at every draft position.
+    # wrong g for every 7th token: accepts and rejects at every draft position. "blind" has one
+    # attention head: a real entry drafts g of its token, but a mask slot sees only itself, so
+    # P-EAGLE's drafts 2..K are junk unless refinement feeds the slots real tokens.
     noisy = [g[g[t]] if t % 7 == 1 else g[t] for t in range(vocab)]
-    for name, table in (("exact", g), ("noisy", noisy)):
+    for name, table, num_heads in (("exact", g, 7), ("noisy", noisy, 7), ("blind", g, 1)):
         heads[name] = str(tmp_path_factory.mktemp(f"bigram-{name}"))
-        save_eagle3(bigram_head(table, hf.config.hidden_size, mask_id), heads[name], include_embedding=True)
+        save_eagle3(bigram_head(table, hf.config.hidden_size, mask_id, num_heads), heads[name], include_embedding=True)
     prompts = _prompts(8, vocab, seed=3, avoid=mask_id)
     reference = LLM(target, dtype="float32", block_size=4, skip_tokenizer_init=True).generate(
         prompts, GREEDY, use_tqdm=False)
@@ -340,7 +345,7 @@ needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1"
 INPUT_BUILDERS = ["reference", pytest.param("triton", marks=needs_interpreter)]
 
 
-def _recording_engine(setup, monkeypatch, builder: str, k: int, parallel: bool):
+def _recording_engine(setup, monkeypatch, builder: str, k: int, parallel: bool, refine: int = 0):
     """An engine whose drafter's step inputs come from the torch reference (CPU default) or
     the Triton kernel (what CUDA runs), so the dense checks below cover both; returns it,
     its proposer, the head and the entry history."""
@@ -349,7 +354,7 @@ def _recording_engine(setup, monkeypatch, builder: str, k: int, parallel: bool):
         from parspec.speculative.draft_inputs import draft_inputs_triton
         monkeypatch.setattr(eagle3_module, "draft_inputs", draft_inputs_triton)
     llm = LLM(setup["target"], dtype="float32", block_size=4,
-              speculative_config=eagle_spec(setup["heads"]["par" if parallel else "seq"], k, parallel))
+              speculative_config=eagle_spec(setup["heads"]["par" if parallel else "seq"], k, parallel, refine))
     prop = llm.engine.proposer
     return llm, prop, prop.model, _record_history(prop)
 
@@ -422,6 +427,185 @@ def test_parallel_pass_matches_dense_reference(setup, monkeypatch, builder):
     outs = llm.generate(setup["prompts"][:3], GREEDY, use_tqdm=False)
     assert _outputs(outs) == setup["expected"][:3]
     assert len(checked) >= 5 and max(checked) == 3  # several steps, the drafter cache carried between them
+
+
+# --- refinement passes (draft_refine_passes) -------------------------------------------------
+
+@pytest.mark.parametrize("refine,batch,k", list(itertools.product((1, 2), (1, 8), (3, 7))))
+def test_refined_parallel_is_lossless(setup, refine, batch, k):
+    llm = LLM(setup["target"], dtype="float32", block_size=4,
+              speculative_config=eagle_spec(setup["heads"]["par"], k, True, refine))
+    outs = llm.generate(setup["prompts"][:batch], GREEDY, use_tqdm=False)
+    assert _outputs(outs) == setup["expected"][:batch]
+    _check_engine(llm, outs, k)
+    assert llm.engine.drafter_passes_per_step == 1 + refine
+
+
+def test_refined_parallel_with_partial_chunks_is_lossless(setup):
+    """Chunks that complete their context draft beside chunks that do not, in one pass layout."""
+    k = 3
+    llm = LLM(setup["target"], dtype="float32", block_size=4, max_num_seqs=2, max_num_batched_tokens=2 * (k + 1) + 4,
+              speculative_config=eagle_spec(setup["heads"]["par"], k, True, refine=2))
+    prop = llm.engine.proposer
+    prefill_drafts, chunks = prop.prefill_drafts, []
+
+    def spy(seqs, step, sampling, generators):
+        chunks.append((step.num_seqs, len(seqs)))
+        return prefill_drafts(seqs, step, sampling, generators)
+
+    prop.prefill_drafts = spy
+    outs = llm.generate(setup["prompts"], GREEDY, use_tqdm=False)
+    assert _outputs(outs) == setup["expected"]
+    assert any(0 < done < n for done, n in chunks)  # a drafting chunk beside a partial one
+    assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
+
+
+def test_refined_parallel_under_preemption_is_lossless(setup):
+    llm = LLM(setup["target"], dtype="float32", block_size=4, num_kv_blocks=24, max_model_len=48,
+              speculative_config=eagle_spec(setup["heads"]["par"], 4, True, refine=1))
+    outs = llm.generate(setup["prompts"], GREEDY, use_tqdm=False)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert _outputs(outs) == setup["expected"]
+    assert not llm.engine.proposer._ready
+    assert llm.engine.blocks.num_free_blocks == 24
+
+
+@pytest.mark.parametrize("refine,k", list(itertools.product((1, 2), (3, 7))))
+def test_refined_agreeing_head_is_fully_accepted(bigram, refine, k):
+    llm = LLM(bigram["target"], dtype="float32", block_size=4, skip_tokenizer_init=True,
+              speculative_config=eagle_spec(bigram["heads"]["exact"], k, True, refine))
+    outs = llm.generate(bigram["prompts"], GREEDY, use_tqdm=False)
+    assert _outputs(outs) == bigram["expected"]
+    _check_engine(llm, outs, k)
+    assert llm.engine.stats.acceptance_rate_per_position == [1.0] * k
+
+
+@pytest.mark.parametrize("refine,k", list(itertools.product((0, 1, 2), (3, 7))))
+def test_each_refinement_pass_fixes_one_more_draft(bigram, refine, k):
+    """The blind head drafts g of a slot's token but junk from the mask token. Each pass feeds the
+    slots the previous pass's drafts, so the right prefix grows by one a pass: drafts 1 .. refine+1
+    are always accepted, the next mostly not."""
+    llm = LLM(bigram["target"], dtype="float32", block_size=4, skip_tokenizer_init=True,
+              speculative_config=eagle_spec(bigram["heads"]["blind"], k, True, refine))
+    outs = llm.generate(bigram["prompts"], GREEDY, use_tqdm=False)
+    assert _outputs(outs) == bigram["expected"]
+    rates = llm.engine.stats.acceptance_rate_per_position
+    assert rates[:refine + 1] == [1.0] * (refine + 1)
+    if refine + 1 < k:
+        assert rates[refine + 1] < 0.25, rates
+
+
+@pytest.mark.parametrize("builder", INPUT_BUILDERS)
+def test_refinement_passes_match_dense_reference(setup, monkeypatch, builder):
+    """Every pass reuses the first pass's layout with each slot's token the previous pass's draft
+    before it; its logits equal a dense causal run over the real entries and those slots (hidden
+    fc(mask_hidden)); the drafts returned are the last pass's argmaxes."""
+    k, refine = 4, 2
+    llm, prop, head, history = _recording_engine(setup, monkeypatch, builder, k, parallel=True, refine=refine)
+    parallel, parallel_logits = prop._parallel, prop._parallel_logits
+    passes, checked = [], []
+
+    def reference(seq_id: int, last_real: int, slot_tokens: list[int]) -> torch.Tensor:
+        """Draft j+1 sees the real entries and the first j slots."""
+        entries = [history[seq_id][p] for p in range(last_real + 1)]
+        out = []
+        for j in range(k):
+            tokens = [t for t, _ in entries] + slot_tokens[:j]
+            feats = torch.stack([f for _, f in entries] + [head.mask_hidden[0]] * j)
+            out.append(_dense(head, tokens, head.project(feats))[0])
+        return torch.stack(out)
+
+    def logits_spy(p, rows):
+        out = parallel_logits(p, rows)
+        passes.append((p, out))
+        return out
+
+    def parallel_spy(p, rows, sampling, generators):
+        passes.clear()
+        drafts, probs = parallel(p, rows, sampling, generators)
+        assert len(passes) == 1 + refine
+        seqs = history["seqs"]
+        slots = p.sample_rows[:, 1:]
+        others = torch.ones_like(p.tokens, dtype=torch.bool)
+        others[slots.flatten()] = False
+        fed = torch.full_like(slots, head.config.mask_token_id)
+        for q, logits in passes:
+            assert q.positions is p.positions and q.hidden is p.hidden and q.meta is p.meta
+            assert torch.equal(q.tokens[slots], fed) and torch.equal(q.tokens[others], p.tokens[others])
+            for b, s in enumerate(seqs):
+                ref = reference(s.seq_id, _last_real(p, b, history[s.seq_id]), fed[b].tolist())
+                torch.testing.assert_close(logits[b], ref, atol=1e-5, rtol=0)
+            fed = head.draft_to_target(logits.argmax(-1))[:, :-1]  # what the next pass's slots get
+        assert torch.equal(drafts, head.draft_to_target(passes[-1][1].argmax(-1)))
+        checked.append(len(seqs))
+        return drafts, probs
+
+    prop._parallel, prop._parallel_logits = parallel_spy, logits_spy
+    outs = llm.generate(setup["prompts"][:3], GREEDY, use_tqdm=False)
+    assert _outputs(outs) == setup["expected"][:3]
+    assert len(checked) >= 5 and max(checked) == 3
+
+
+def test_sampled_refined_run_is_reproducible(setup):
+    """Sampled, each pass draws its drafts and the next pass's slots get those draws; the drafts
+    and q returned are the last pass's (q: its distribution, over the target vocabulary)."""
+    refine = 2
+    llm = LLM(setup["target"], dtype="float32", block_size=4,
+              speculative_config=eagle_spec(setup["heads"]["par"], 3, True, refine))
+    prop = llm.engine.proposer
+    head = prop.model
+    propose, parallel, parallel_logits = prop.propose, prop._parallel, prop._parallel_logits
+    proposals, passes, refined, drawn = [], [], [], []
+
+    def propose_spy(seqs):
+        proposals.append(propose(seqs))
+        return proposals[-1]
+
+    def logits_spy(p, rows):
+        passes.append((p.tokens, parallel_logits(p, rows)))
+        return passes[-1][1]
+
+    def parallel_spy(p, rows, sampling, generators):
+        passes.clear()
+        drafts, q = parallel(p, rows, sampling, generators)
+        if q is not None:
+            qs = [head.scatter_to_target(probs_from_logits(logits, sampling)) for _, logits in passes]
+            for (tokens, _), (_, prev), q_prev in zip(passes[1:], passes, qs):
+                fed = tokens[p.sample_rows[:, 1:]]  # slot j: a draw of the previous pass's draft j
+                assert (q_prev[:, :-1].gather(-1, fed[..., None]) > 0).all()
+                drawn.append(not torch.equal(fed, head.draft_to_target(prev.argmax(-1))[:, :-1]))
+            torch.testing.assert_close(q, qs[-1], atol=0, rtol=0)
+            refined.append(not torch.equal(qs[0], qs[-1]))
+        return drafts, q
+
+    prop.propose, prop._parallel, prop._parallel_logits = propose_spy, parallel_spy, logits_spy
+    prompts = setup["prompts"][:4]
+    params = [SamplingParams(temperature=0.8, seed=10 + i, ignore_eos=True, max_tokens=MAX_TOKENS) for i in range(3)]
+    params.append(GREEDY)
+    first = _outputs(llm.generate(prompts, params, use_tqdm=False))
+    second = _outputs(llm.generate(prompts, params, use_tqdm=False))
+    assert first == second
+    assert first[3] == setup["expected"][3]
+    assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
+    assert len(refined) >= 5 and any(refined) and any(drawn)  # slots fed draws, not argmaxes, changed q
+    sampled = [p for p in proposals if p.draft_probs is not None]  # the greedy row may end alone
+    assert proposals[0].draft_probs is not None and len(sampled) >= 5
+    for p in sampled:
+        b = p.draft_tokens.shape[0]
+        assert p.draft_probs.shape == (b, 3, setup["hf"].config.vocab_size)
+        torch.testing.assert_close(p.draft_probs.sum(-1), torch.ones(b, 3))
+        assert (p.draft_probs.gather(-1, p.draft_tokens[..., None]) > 0).all()
+        assert not p.draft_probs[..., ~head.t2d].any()
+        assert p.drafter_passes == 1 + refine
+
+
+def test_refine_passes_config_errors_name_the_value():
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match=f"draft_refine_passes must be an integer >= 0, got {bad!r}"):
+            SpeculativeConfig.from_any(eagle_spec("/head", 3, True, bad))
+    with pytest.raises(ConfigError, match="draft_refine_passes=1 .* parallel_drafting=False"):
+        SpeculativeConfig.from_any(eagle_spec("/head", 3, False, 1))
+    assert SpeculativeConfig.from_any(eagle_spec("/head", 3, True, 2)).draft_refine_passes == 2
 
 
 # --- checkpoints ------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from parspec.config import ConfigError
 REPO = report.REPO
 REFERENCE_PAIR = os.path.join(REPO, "fixtures", "reference")
 DEFAULT_PROMPTS = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "humaneval.jsonl"))
-METHODS = ("no-spec", "ngram", "draft_model", "eagle3", "p-eagle")
+METHODS = ("no-spec", "ngram", "draft_model", "eagle3", "p-eagle", "p-eagle-r1", "p-eagle-r2")
 PEERS = ("hf", "gpt-fast")
 BANDWIDTH_BYTES = 1 << 30  # far above any L2, so the copy runs at HBM speed
 
@@ -69,6 +69,9 @@ def spec_config(method: str, k: int, pair: ModelPair) -> dict | None:
         return {"method": "eagle3", "model": pair.eagle3, "num_speculative_tokens": k}
     if method == "p-eagle":
         return {"method": "eagle3", "model": pair.p_eagle, "num_speculative_tokens": k, "parallel_drafting": True}
+    if method in ("p-eagle-r1", "p-eagle-r2"):  # with 1 or 2 refinement passes
+        return {"method": "eagle3", "model": pair.p_eagle, "num_speculative_tokens": k, "parallel_drafting": True,
+                "draft_refine_passes": int(method[-1])}
     raise ConfigError(f"unknown benchmark method {method!r}; choose from {', '.join(METHODS)}")
 
 

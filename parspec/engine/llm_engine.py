@@ -421,7 +421,7 @@ class LLMEngine:
 
     def reset_stats(self) -> None:
         """Speculation counters (summed over requests, vLLM's counting; see SpecStats);
-        drafter_passes counts drafter forwards (K per step sequentially, 1 with parallel drafting)."""
+        drafter_passes counts drafter forwards (K per step sequentially, 1 + draft_refine_passes in parallel)."""
         self.stats = SpecStats()
         self.drafter_passes = 0
         self.depth_steps = [0] * (self.k + 1)  # steps that drafted, by the depth they verified (K unless "auto")

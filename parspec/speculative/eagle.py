@@ -33,6 +33,12 @@ Parallel drafting (P-EAGLE): one pass over the new entries followed by K-1 mask 
 the K-1 positions after the last accepted entry (token ``mask_token_id``, hidden
 ``fc(mask_hidden)``); the last accepted entry gives draft 1, mask slot j draft j+2.
 
+Refinement passes (parspec's ``draft_refine_passes`` = R): R more passes over the same layout
+(positions, metadata, hidden inputs), each mask slot's token now the previous pass's draft of
+the row before it (a target id). A slot whose earlier drafts are right then sees the true
+tokens, as training feeds it (teacher forcing). Each pass rewrites the real entries' K/V
+identically and the slots' K/V past the last entry; the last pass's outputs are the drafts.
+
 Either way the drafter writes up to K-1 positions past what the target's step holds, so
 the scheduler reserves ``extra_slots`` = K-1 more. With ``parallel_drafting`` off a
 P-EAGLE head drafts sequentially (its mask_hidden unused); with it on, the head must have
@@ -44,7 +50,7 @@ from __future__ import annotations
 
 import torch
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from parspec.attention import AttentionMetadata
 from parspec.config import ConfigError, ModelConfig, SpeculativeConfig
@@ -135,7 +141,8 @@ class Eagle3Proposer(AfterVerifyDrafter):
         super().__init__(spec.num_speculative_tokens, target)
         self.parallel = bool(spec.parallel_drafting)
         self.extra_slots = self.k - 1
-        self.drafter_passes = 1 if self.parallel else self.k
+        self.refine_passes = spec.draft_refine_passes
+        self.drafter_passes = 1 + self.refine_passes if self.parallel else self.k
         path = spec.model
         cfg = Eagle3Config.from_pretrained(path)  # LoadError when the directory is missing
         self.aux_layers = resolve_aux_layers(cfg, target.config, path)
@@ -160,7 +167,7 @@ class Eagle3Proposer(AfterVerifyDrafter):
 
     def _draft(self, p: DraftPass, rows: int, sampling, generators):
         if self.parallel:
-            return self._choose(self._parallel_logits(p, rows), sampling, generators)
+            return self._parallel(p, rows, sampling, generators)
         return self._sequential(p, rows, sampling, generators)
 
     def _prefill_pass(self, seqs, step) -> DraftPass:
@@ -240,6 +247,19 @@ class Eagle3Proposer(AfterVerifyDrafter):
             probs.append(None if q is None else q[:, 0])
         draft_probs = None if probs[0] is None else torch.stack(probs, dim=1)
         return torch.stack(drafts, dim=1), draft_probs
+
+    def _parallel(self, p: DraftPass, rows: int, sampling, generators):
+        """P-EAGLE's pass, then the refinement passes. Sampled, every pass draws its drafts on the
+        same generators and the last pass's draws and q are returned: the earlier draws are
+        randomness independent of the target and the final drafts are drawn from exactly that q,
+        so verification stays lossless."""
+        logits = self._parallel_logits(p, rows)
+        slots = p.sample_rows[:, 1:].flatten()
+        for _ in range(self.refine_passes):
+            drafts, _ = sample_drafts(logits, sampling, generators)
+            fed = self.model.draft_to_target(drafts[:, :-1]).flatten()  # the row before each slot drafted these
+            logits = self._parallel_logits(replace(p, tokens=p.tokens.index_copy(0, slots, fed)), rows)
+        return self._choose(logits, sampling, generators)
 
     def _parallel_logits(self, p: DraftPass, rows: int) -> torch.Tensor:
         """One pass over the new entries + K-1 mask slots per sequence; draft logits [B, K, Vd]."""

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get(
                                 reason="needs a CUDA GPU (and compiled Triton)")
 
 TARGET = os.path.join(FIX, "target")
-METHODS = ["no-spec", "ngram", "draft_model", "eagle3", "p-eagle", "eagle3-k1", "p-eagle-k3"]
+METHODS = ["no-spec", "ngram", "draft_model", "eagle3", "p-eagle", "eagle3-k1", "p-eagle-k3", "p-eagle-r2"]
 
 
 def _run(spec, eager: bool, n: int, params, max_num_seqs: int = 8):
@@ -45,7 +45,7 @@ def test_graphs_on_and_off_give_identical_greedy_output(method, num_prompts):
     assert graph_llm.engine.blocks.num_free_blocks == graph_llm.engine.blocks.num_blocks
 
 
-@pytest.mark.parametrize("method", ["no-spec", "draft_model", "p-eagle", "eagle3"])
+@pytest.mark.parametrize("method", ["no-spec", "draft_model", "p-eagle", "eagle3", "p-eagle-r2"])
 def test_seeded_sampling_reproduces_under_graphs(method):
     from parspec import SamplingParams
 
@@ -84,7 +84,7 @@ def assert_steady_steps_have_no_host_sync(llm, num_prompts: int = 4) -> None:
         engine.step()
 
 
-@pytest.mark.parametrize("method", ["no-spec", "p-eagle", "eagle3"])
+@pytest.mark.parametrize("method", ["no-spec", "p-eagle", "eagle3", "p-eagle-r2"])
 def test_decode_step_has_no_hidden_host_sync(method):
     from parspec import LLM
 

@@ -34,6 +34,9 @@ SPECS = {
                    "parallel_drafting": True},
     "p-eagle-k3": {"method": "eagle3", "model": os.path.join(FIX, "p-eagle"), "num_speculative_tokens": 3,
                    "parallel_drafting": True},
+    # Two refinement passes: three drafter forwards over one layout, inside the decode graph.
+    "p-eagle-r2": {"method": "eagle3", "model": os.path.join(FIX, "p-eagle"), "num_speculative_tokens": 7,
+                   "parallel_drafting": True, "draft_refine_passes": 2},
 }
 
 
