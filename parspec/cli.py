@@ -229,13 +229,13 @@ def cmd_export_head(args) -> int:
 
 
 def add_bench_args(b: argparse.ArgumentParser) -> None:
-    from parspec.bench.harness import DEFAULT_PROMPTS, METHODS, PEERS, REFERENCE_PAIR, REPO
+    from parspec.bench.harness import DEFAULT_METHODS, DEFAULT_PROMPTS, METHODS, PEERS, REFERENCE_PAIR, REPO
 
     b.add_argument("--pair", default=REFERENCE_PAIR, help="directory holding target/, draft/, eagle3/, p-eagle/")
     b.add_argument("--expand", choices=("8b", "tiny"), default=None,
                    help="benchmark the pair expanded to this shape (written to --expand-dir, reused if there)")
     b.add_argument("--expand-dir", default=None)
-    b.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+    b.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS,
                    help="no-spec always runs first: it is the baseline")
     b.add_argument("--ks", type=int, nargs="+", default=list(range(1, 9)), help="num_speculative_tokens values")
     b.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64],
