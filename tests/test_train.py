@@ -127,6 +127,16 @@ def _causal(n):
     return torch.ones(n, n, dtype=torch.bool).tril()
 
 
+def _inference_view_logits(drafter, batch, cap, b: int, p: int, slot_tokens: torch.Tensor) -> torch.Tensor:
+    """Inference's view of anchor p's deepest slot: real entries 0..p, then slots 1..d holding
+    ``slot_tokens`` with fc(mask_hidden), plain causal attention; its logits."""
+    d = len(slot_tokens)
+    tokens = torch.cat([batch.tokens[b, 1:p + 2], slot_tokens])
+    hidden = torch.cat([drafter.project(cap.features[b, :p + 1]), drafter.project(drafter.mask_hidden).expand(d, -1)])
+    out, _ = drafter(tokens[None], torch.arange(p + 1 + d)[None], hidden[None], _causal(p + 1 + d)[None])
+    return drafter.compute_logits(out[0, -1])
+
+
 @torch.no_grad()
 def test_peagle_dense_logits_equal_entry_by_entry(tiny, tmp_path):
     trainer = make_trainer(tiny, "p-eagle", tmp_path)
@@ -136,16 +146,11 @@ def test_peagle_dense_logits_equal_entry_by_entry(tiny, tmp_path):
     a, e = 2, 15
     normed, ent = peagle_forward(drafter, batch, cap, plan, a, e, mask_token_id=1)
     dense = drafter.compute_logits(normed)
-    mask_h = drafter.project(drafter.mask_hidden)
     checked = set()
     for b, i in ent.scored.nonzero().tolist():
         p, d = int(ent.anchor[b, i]), int(ent.depth[b, i])
-        # Inference's view: real entries 0..p, then mask slots 1..d, plain causal attention.
-        tokens = torch.cat([batch.tokens[b, 1:p + 2], torch.full((d,), 1)])
-        hidden = torch.cat([drafter.project(cap.features[b, :p + 1]), mask_h.expand(d, -1)])
-        pos = torch.arange(p + 1 + d)
-        out, _ = drafter(tokens[None], pos[None], hidden[None], _causal(p + 1 + d)[None])
-        torch.testing.assert_close(drafter.compute_logits(out[0, -1]), dense[b, i], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(_inference_view_logits(drafter, batch, cap, b, p, torch.full((d,), 1)),
+                                   dense[b, i], rtol=1e-4, atol=1e-4)
         checked.add(d)
     assert checked == set(range(trainer.tc.num_speculative_tokens))
 
@@ -173,7 +178,6 @@ def test_refined_slots_read_their_tokens_as_inference_does(tiny, tmp_path, slots
     a, e = 2, A
     normed, ent = peagle_forward(drafter, batch, cap, plan, a, e, mask_token_id=1)
     dense = drafter.compute_logits(normed)
-    mask_h = drafter.project(drafter.mask_hidden)
     seen = set()
     for b, i in ent.scored.nonzero().tolist():
         p, d = int(ent.anchor[b, i]), int(ent.depth[b, i])
@@ -187,10 +191,8 @@ def test_refined_slots_read_their_tokens_as_inference_does(tiny, tmp_path, slots
         else:
             fed = batch.tokens[b, p + 2:p + 2 + d]
         assert torch.equal(ent.token[b, i], fed[-1])
-        tokens = torch.cat([batch.tokens[b, 1:p + 2], fed])
-        hidden = torch.cat([drafter.project(cap.features[b, :p + 1]), mask_h.expand(d, -1)])
-        out, _ = drafter(tokens[None], torch.arange(p + 1 + d)[None], hidden[None], _causal(p + 1 + d)[None])
-        torch.testing.assert_close(drafter.compute_logits(out[0, -1]), dense[b, i], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(_inference_view_logits(drafter, batch, cap, b, p, fed), dense[b, i],
+                                   rtol=1e-4, atol=1e-4)
         seen.add(refined)
     assert seen == {True, False}
 
